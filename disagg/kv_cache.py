@@ -1,0 +1,78 @@
+"""The paged KV pool: per layer, one K and one V tensor of fixed-size blocks.
+
+Layout per layer: `k[layer]` and `v[layer]` are `[num_blocks, block_size,
+num_kv_heads, head_dim]`, so one block's K (or V) for one layer is a
+contiguous run of `block_nbytes` bytes, and a run of consecutive block ids is
+one contiguous slice: the KV wire ships exactly these bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token_per_layer(self) -> int:
+        """K and V together."""
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_kv_heads * self.head_dim * element_size
+
+    @property
+    def bytes_per_block(self) -> int:
+        """One block across every layer, K and V."""
+        return self.num_layers * self.block_size * self.bytes_per_token_per_layer
+
+    def blocks_in_budget(self, nbytes: int) -> int:
+        return nbytes // self.bytes_per_block
+
+
+class PagedKVCache:
+    def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device) -> None:
+        self.layout = layout
+        self.num_blocks = num_blocks
+        shape = (num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        self.k = [
+            torch.zeros(shape, dtype=layout.dtype, device=device) for _ in range(layout.num_layers)
+        ]
+        self.v = [
+            torch.zeros(shape, dtype=layout.dtype, device=device) for _ in range(layout.num_layers)
+        ]
+
+    def slot_ids(self, block_table: list[int], start: int, end: int) -> list[int]:
+        """Flat slot index (block * block_size + offset) of token positions [start, end)."""
+        size = self.layout.block_size
+        return [block_table[pos // size] * size + pos % size for pos in range(start, end)]
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new tokens' K/V. k, v: [T, Hkv, D]; slots: [T]."""
+        self._flat(self.k[layer]).index_copy_(0, slots, k)
+        self._flat(self.v[layer]).index_copy_(0, slots, v)
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of the given slots. slots: [...]; returns [..., Hkv, D] each."""
+        k = self._flat(self.k[layer])[slots]
+        v = self._flat(self.v[layer])[slots]
+        return k, v
+
+    def block_views(self, layer: int, block_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of whole blocks, [n, block_size, Hkv, D]; a view when the ids are consecutive."""
+        first = block_ids[0] if block_ids else 0
+        if block_ids == list(range(first, first + len(block_ids))):
+            end = first + len(block_ids)
+            return self.k[layer][first:end], self.v[layer][first:end]
+        index = torch.tensor(block_ids, device=self.k[layer].device)
+        return self.k[layer][index], self.v[layer][index]
+
+    @staticmethod
+    def _flat(cache: torch.Tensor) -> torch.Tensor:
+        return cache.view(-1, cache.shape[2], cache.shape[3])

@@ -1,0 +1,61 @@
+"""How one request wants its tokens chosen, validated before any block is touched."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from disagg.errors import InvalidRequestError
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    """How many new tokens at most."""
+    temperature: float = 1.0
+    """0 means greedy; otherwise logits are divided by it before sampling."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 keeps all."""
+    seed: int | None = None
+    """Same seed, same tokens, whatever batch the request lands in."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end the sequence, besides the model's EOS."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the output; cut from the text, applied by the detokenizing layer."""
+    ignore_eos: bool = False
+    """Keep going past EOS (benchmarks use this to fix output lengths)."""
+    min_tokens: int = 0
+    """EOS and stop tokens are not honoured before this many new tokens."""
+    logprobs: int | None = None
+    """None: no logprobs; N >= 0: the chosen token's logprob plus the top N alternatives."""
+    extra: dict = field(default_factory=dict, compare=False)
+    """Protocol-specific values carried along untouched."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InvalidRequestError(
+                f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens"
+            )
+        if self.temperature < 0:
+            raise InvalidRequestError(
+                f"temperature must be >= 0, got {self.temperature}", "temperature"
+            )
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be >= 0 (0 disables), got {self.top_k}", "top_k")
+        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens must be in [0, max_tokens], got {self.min_tokens}", "min_tokens"
+            )
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(
+                f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}", "logprobs"
+            )
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
