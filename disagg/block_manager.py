@@ -2,11 +2,14 @@
 
 Check/act pairs (`can_allocate` / `allocate`) let the scheduler decide without
 side effects; `allocate` raises `OutOfBlocksError` instead of ever overcommitting.
+Every mutation holds a lock: on a decode worker, gRPC handlers allocate while
+the engine thread frees.
 """
 
 from __future__ import annotations
 
 import heapq
+import threading
 
 from disagg.errors import OutOfBlocksError
 from disagg.sequence import Sequence
@@ -22,6 +25,7 @@ class BlockManager:
         # a contiguous run of blocks, which the KV wire can ship without a gather.
         self._free_ids: list[int] = list(range(num_blocks))
         self._is_free = [True] * num_blocks
+        self._lock = threading.Lock()
 
     @property
     def num_free_blocks(self) -> int:
@@ -38,21 +42,24 @@ class BlockManager:
         return num_blocks <= self.num_free_blocks
 
     def allocate(self, num_blocks: int) -> list[int]:
-        if not self.can_allocate(num_blocks):
-            raise OutOfBlocksError(
-                f"need {num_blocks} KV blocks, {self.num_free_blocks} of {self.num_blocks} free"
-            )
-        block_ids = [heapq.heappop(self._free_ids) for _ in range(num_blocks)]
-        for block_id in block_ids:
-            self._is_free[block_id] = False
-        return block_ids
+        with self._lock:
+            if not self.can_allocate(num_blocks):
+                raise OutOfBlocksError(
+                    f"need {num_blocks} KV blocks, {self.num_free_blocks} of {self.num_blocks} free"
+                )
+            block_ids = [heapq.heappop(self._free_ids) for _ in range(num_blocks)]
+            for block_id in block_ids:
+                self._is_free[block_id] = False
+            return block_ids
 
     def free(self, block_ids: list[int]) -> None:
-        for block_id in block_ids:
-            if self._is_free[block_id]:
-                raise RuntimeError(f"block {block_id} freed twice")
-            self._is_free[block_id] = True
-            heapq.heappush(self._free_ids, block_id)
+        with self._lock:
+            for block_id in block_ids:
+                if self._is_free[block_id]:
+                    raise RuntimeError(f"block {block_id} freed twice")
+            for block_id in block_ids:
+                self._is_free[block_id] = True
+                heapq.heappush(self._free_ids, block_id)
 
     def num_missing_blocks(self, seq: Sequence, num_tokens: int) -> int:
         """Blocks `seq` still lacks to hold `num_tokens` tokens."""
@@ -66,6 +73,7 @@ class BlockManager:
         seq.block_table.extend(self.allocate(self.num_missing_blocks(seq, num_tokens)))
 
     def release(self, seq: Sequence) -> None:
-        self.free(seq.block_table)
+        if seq.owns_blocks:
+            self.free(seq.block_table)
         seq.block_table = []
         seq.num_computed_tokens = 0

@@ -9,6 +9,7 @@ live in different processes.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,6 +58,17 @@ class EngineConfig:
             raise InvalidRequestError("kv_cache_memory_bytes must be >= 1", "kv_cache_memory_bytes")
 
 
+@dataclass
+class EngineStats:
+    """Where the engine's time went, accumulated over its life."""
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    num_decode_steps: int = 0
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
@@ -80,6 +92,7 @@ class LLMEngine:
         )
         self.eos_token_ids = eos_token_ids(loaded)
         self.runner = ModelRunner(self.model, self.kv_cache, self.eos_token_ids)
+        self.stats = EngineStats()
 
     # -- requests --------------------------------------------------------
 
@@ -131,18 +144,34 @@ class LLMEngine:
         return []
 
     def prefill(
-        self, chunks: list[ScheduledChunk], on_layer: Callable[[int], None] | None = None
+        self,
+        chunks: list[ScheduledChunk],
+        on_layer: Callable[[int], None] | None = None,
+        hand_off: bool = False,
     ) -> list[Sequence]:
-        """Compute the chunks' K/V into their blocks; completed prompts get their first token."""
+        """Compute the chunks' K/V into their blocks; completed prompts get their first token.
+
+        With `hand_off`, completed prompts do not join this engine's decode batch:
+        they leave with their first token (and `finish_reason` set if that token
+        already ends them) still holding their blocks, for the caller to ship or
+        decode elsewhere. This is the prefill half of disaggregation.
+        """
+        start = time.perf_counter()
         completed, sampled = self.runner.prefill(chunks, on_layer)
+        self.stats.prefill_s += time.perf_counter() - start
+        self.stats.num_prefill_tokens += sum(chunk.num_tokens for chunk in chunks)
         for chunk in chunks:
-            self.scheduler.on_prefilled(chunk)
-        self._append_tokens(completed, sampled)
+            self.scheduler.on_prefilled(chunk, hand_off)
+        self._append_tokens(completed, sampled, finish=not hand_off)
         return completed
 
     def decode_step(self, seqs: list[Sequence]) -> list[Sequence]:
         """One new token for each running sequence."""
+        start = time.perf_counter()
         sampled = self.runner.decode(seqs)
+        self.stats.decode_s += time.perf_counter() - start
+        self.stats.num_decode_tokens += len(seqs)
+        self.stats.num_decode_steps += 1
         for seq in seqs:
             seq.num_computed_tokens += 1
         self._append_tokens(seqs, sampled)
@@ -160,16 +189,21 @@ class LLMEngine:
             self.step()
         return seqs
 
-    def _append_tokens(self, seqs: list[Sequence], sampled: SamplerOutput) -> None:
+    def _append_tokens(
+        self, seqs: list[Sequence], sampled: SamplerOutput, finish: bool = True
+    ) -> None:
         for seq, token_id, logprob in zip(seqs, sampled.token_ids, sampled.logprobs):
             seq.output_token_ids.append(token_id)
             if logprob is not None:
                 seq.output_logprobs.append(logprob)
-            reason = self._finish_reason(seq, token_id)
-            if reason is not None:
+            reason = self.finish_reason(seq, token_id)
+            if reason is not None and finish:
                 self.scheduler.finish(seq, reason)
+            elif reason is not None:
+                seq.finish_reason = reason
 
-    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+    def finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+        """Why `token_id`, just appended to `seq`, ends it; None if it does not."""
         can_stop = seq.num_output_tokens >= seq.params.min_tokens
         if can_stop and token_id in seq.stop_token_ids(self.eos_token_ids):
             return FinishReason.STOP

@@ -3,7 +3,7 @@
 Layout per layer: `k[layer]` and `v[layer]` are `[num_blocks, block_size,
 num_kv_heads, head_dim]`, so one block's K (or V) for one layer is a
 contiguous run of `block_nbytes` bytes, and a run of consecutive block ids is
-one contiguous slice: the KV wire ships exactly these bytes.
+one contiguous slice: the KV wire ships these bytes without a copy.
 """
 
 from __future__ import annotations
@@ -64,14 +64,17 @@ class PagedKVCache:
         v = self._flat(self.v[layer])[slots]
         return k, v
 
-    def block_views(self, layer: int, block_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V of whole blocks, [n, block_size, Hkv, D]; a view when the ids are consecutive."""
-        first = block_ids[0] if block_ids else 0
-        if block_ids == list(range(first, first + len(block_ids))):
-            end = first + len(block_ids)
-            return self.k[layer][first:end], self.v[layer][first:end]
-        index = torch.tensor(block_ids, device=self.k[layer].device)
-        return self.k[layer][index], self.v[layer][index]
+    def token_range(
+        self, layer: int, block_table: list[int], start: int, end: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of positions [start, end), [n, Hkv, D] each: a view of the pool (no copy)
+        when the slots are consecutive, which they are within consecutive blocks."""
+        slots = self.slot_ids(block_table, start, end)
+        first, count = slots[0], len(slots)
+        if slots[-1] - first == count - 1:
+            k, v = self._flat(self.k[layer]), self._flat(self.v[layer])
+            return k[first : first + count], v[first : first + count]
+        return self.gather(layer, torch.tensor(slots, device=self.k[layer].device))
 
     @staticmethod
     def _flat(cache: torch.Tensor) -> torch.Tensor:

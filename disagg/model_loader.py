@@ -89,7 +89,7 @@ def convert_gguf(gguf_path: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to safetensors under %s (once)", gguf_path, target)
+    log.warning("converting %s to safetensors under %s (once)", gguf_path, target)
     kwargs = {"gguf_file": gguf_path.name, "dtype": torch.float32}
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, **kwargs)
@@ -124,6 +124,9 @@ def check_architecture(config: object) -> None:
 def load_model(model: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
     """Load weights and tokenizer through transformers, converting GGUF on first use."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     path, name = resolve_model_path(model)
     model_dir = convert_gguf(path) if path.suffix == ".gguf" else path
@@ -133,3 +136,33 @@ def load_model(model: str, dtype: torch.dtype, device: torch.device) -> LoadedMo
     hf_model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return LoadedModel(model=hf_model, tokenizer=tokenizer, name=name, path=model_dir)
+
+
+@dataclass
+class ModelInfo:
+    """What a process that never runs the model (the coordinator) needs to know about it."""
+
+    name: str
+    tokenizer: object
+    max_model_len: int
+    eos_token_ids: set[int]
+
+
+def load_model_info(model: str) -> ModelInfo:
+    """Tokenizer, context length and EOS ids, without loading any weights."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    path, name = resolve_model_path(model)
+    model_dir = convert_gguf(path) if path.suffix == ".gguf" else path
+    config = AutoConfig.from_pretrained(model_dir)
+    check_architecture(config)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    eos: set[int] = set()
+    try:
+        configured = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:
+        configured = config.eos_token_id
+    eos.update([configured] if isinstance(configured, int) else configured or [])
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return ModelInfo(name, tokenizer, config.max_position_embeddings, eos)

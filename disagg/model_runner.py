@@ -24,6 +24,7 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.device = model.device
 
+    @torch.inference_mode()
     def prefill(
         self, chunks: list[ScheduledChunk], on_layer: Callable[[int], None] | None = None
     ) -> tuple[list[Sequence], SamplerOutput]:
@@ -60,6 +61,7 @@ class ModelRunner:
         )
         return completed, self._sample(logits, completed)
 
+    @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> SamplerOutput:
         """One token for each sequence; each feeds its last token, whose K/V is not cached yet."""
         positions = self._tensor([seq.num_tokens - 1 for seq in seqs])  # [B]

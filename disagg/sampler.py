@@ -4,6 +4,10 @@ Greedy rows take the argmax of the raw logits. Sampled rows go through
 temperature, top-k and top-p together (one sort for the whole batch), then draw
 with the sequence's own generator, so a seeded request gets the same tokens in
 any batch. Logprobs are always those of the model's raw distribution.
+
+NOTE: a seeded draw's RNG state is a function of (seed, output position) alone,
+not of how many draws came before in this process, so a request prefilled on
+one worker and decoded on another samples exactly as it would in one engine.
 """
 
 from __future__ import annotations
@@ -48,10 +52,18 @@ def _sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     keep = (rank < top_k.unsqueeze(1)) & (mass_before < top_p.unsqueeze(1))
     probs = probs.masked_fill(~keep, 0.0)
     draws = [
-        torch.multinomial(probs[i].cpu(), 1, generator=seq.generator) for i, seq in enumerate(seqs)
+        torch.multinomial(probs[i].cpu(), 1, generator=_generator(seq))
+        for i, seq in enumerate(seqs)
     ]
     picked = torch.cat(draws).to(device)  # [b] positions in sorted order
     return sorted_ids.gather(1, picked.unsqueeze(1)).squeeze(1)
+
+
+def _generator(seq: Sequence) -> torch.Generator:
+    if seq.params.seed is None:
+        return seq.generator
+    mixed = (seq.params.seed * 0x9E3779B97F4A7C15 + seq.num_output_tokens) % (1 << 63)
+    return torch.Generator().manual_seed(mixed)
 
 
 def _logprobs(

@@ -100,14 +100,18 @@ class Scheduler:
                 return seq
         return None
 
-    def on_prefilled(self, chunk: ScheduledChunk) -> None:
-        """Record a chunk's K/V as computed; a finished prompt joins the running batch."""
+    def on_prefilled(self, chunk: ScheduledChunk, hand_off: bool = False) -> None:
+        """Record a chunk's K/V as computed. A finished prompt joins the running batch,
+        or with `hand_off` leaves the scheduler holding its blocks (the caller owns them)."""
         seq = chunk.seq
         completes = chunk.completes_prompt
         seq.num_computed_tokens += chunk.num_tokens
         if completes:
             self.waiting.remove(seq)
-            self.add_running(seq)
+            if hand_off:
+                seq.status = SequenceStatus.WAITING_FOR_KV
+            else:
+                self.add_running(seq)
 
     def _schedule_prefill(self) -> list[ScheduledChunk]:
         budget = self.config.max_num_batched_tokens

@@ -52,20 +52,19 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     """Tokens whose K/V are in the cache."""
+    owns_blocks: bool = True
+    """False when the blocks belong to someone else (a KV handle), who frees them."""
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None
-    """Per-sequence RNG, so a seeded request samples the same whatever its batch."""
+    """Per-sequence RNG of an unseeded sampled request (seeded ones derive theirs per draw)."""
 
     def __post_init__(self) -> None:
         if not self.request_id:
             self.request_id = f"seq-{self.seq_id}"
-        if not self.params.is_greedy:
+        if not self.params.is_greedy and self.params.seed is None:
             self.generator = torch.Generator()
-            if self.params.seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(self.params.seed)
+            self.generator.seed()
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,0 +1,190 @@
+"""Engine throughput against transformers, in one process, on the same requests and threads.
+
+Baseline: `generate` one request at a time (what a plain transformers server does).
+Ours: every request submitted at once, continuously batched over the paged cache.
+Also: one decode step at batch B, ours against a transformers forward over the
+same batch with its dense KV cache, to show what paging costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from disagg.device import resolve_device, resolve_dtype
+from disagg.engine import EngineConfig, LLMEngine
+from disagg.model_loader import LoadedModel, load_model
+from disagg.sampling_params import SamplingParams
+
+WORDS = [
+    *"the model of a system runs on every core and each request waits for its turn".split(),
+    *"while tokens stream back to clients who measure latency memory cache and blocks".split(),
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--dtypes", default="auto,float32", help="comma-separated dtypes")
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--decode-steps", type=int, default=8, help="timed steps per decode run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="bench/results")
+
+
+def make_prompts(tokenizer: object, num: int, length: int, seed: int) -> list[list[int]]:
+    """Real words, tokenized and cut to exactly `length` tokens, different for each request."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(num):
+        text = " ".join(rng.choice(WORDS) for _ in range(length * 2))
+        prompts.append(tokenizer(text)["input_ids"][:length])
+    return prompts
+
+
+def time_ours(loaded: LoadedModel, prompts: list[list[int]], new_tokens: int) -> dict:
+    engine = LLMEngine(EngineConfig(max_num_batched_tokens=2048), loaded=loaded)
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    seqs = engine.generate(prompts, params)
+    total_s = time.perf_counter() - start
+    output_tokens = sum(seq.num_output_tokens for seq in seqs)
+    stats = engine.stats
+    return {
+        "total_s": total_s,
+        "output_tokens": output_tokens,
+        "output_tok_s": output_tokens / total_s,
+        "prefill_tok_s": stats.num_prefill_tokens / stats.prefill_s,
+        "decode_tok_s": stats.num_decode_tokens / stats.decode_s,
+    }
+
+
+def time_transformers(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> dict:
+    total_s = prefill_s = 0.0
+    output_tokens = 0
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            start = time.perf_counter()
+            model(ids, logits_to_keep=1)
+            prefill_s += time.perf_counter() - start
+            start = time.perf_counter()
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+            )
+            total_s += time.perf_counter() - start
+            output_tokens += out.shape[1] - len(prompt)
+    decode_s = total_s - prefill_s
+    return {
+        "total_s": total_s,
+        "output_tokens": output_tokens,
+        "output_tok_s": output_tokens / total_s,
+        "prefill_tok_s": sum(map(len, prompts)) / prefill_s,
+        "decode_tok_s": (output_tokens - len(prompts)) / decode_s,
+    }
+
+
+def decode_step_ms(loaded: LoadedModel, prompts: list[list[int]], steps: int) -> dict:
+    """Median ms of one decode step over the whole batch: ours (paged) vs transformers (dense)."""
+    engine = LLMEngine(EngineConfig(max_num_batched_tokens=1 << 16), loaded=loaded)
+    params = SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True)
+    seqs = [engine.add_request(p, params) for p in prompts]
+    engine.step()  # the whole batch's prefill
+    ours = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        ours.append(time.perf_counter() - start)
+    for seq in seqs:
+        engine.abort(seq.request_id)
+
+    from transformers import DynamicCache
+
+    model = loaded.model
+    ids = torch.tensor(prompts)  # equal lengths: no padding for either side
+    theirs = []
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(steps):
+            start = time.perf_counter()
+            out = model(next_ids, past_key_values=cache, use_cache=True)
+            next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+            theirs.append(time.perf_counter() - start)
+    return {
+        "ours_ms": 1e3 * statistics.median(ours),
+        "transformers_ms": 1e3 * statistics.median(theirs),
+    }
+
+
+def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> dict:
+    loaded = load_model(args.model, dtype, resolve_device("cpu"))
+    prompts = make_prompts(loaded.tokenizer, args.num_requests, args.prompt_len, args.seed)
+    ours = time_ours(loaded, prompts, args.new_tokens)
+    theirs = time_transformers(loaded.model, prompts, args.new_tokens)
+    step = decode_step_ms(loaded, prompts, args.decode_steps)
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "ours": ours,
+        "transformers": theirs,
+        "decode_step": step,
+        "ratios": {
+            "end_to_end": ours["output_tok_s"] / theirs["output_tok_s"],
+            "decode_phase": ours["decode_tok_s"] / theirs["decode_tok_s"],
+            "prefill": ours["prefill_tok_s"] / theirs["prefill_tok_s"],
+            "decode_step_ours_over_dense": step["ours_ms"] / step["transformers_ms"],
+        },
+    }
+
+
+def print_table(result: dict, args: argparse.Namespace) -> None:
+    ours, theirs, step, ratios = (
+        result["ours"], result["transformers"], result["decode_step"], result["ratios"],
+    )  # fmt: skip
+    print(f"\n== {result['dtype']}: {args.num_requests} requests, {args.prompt_len} prompt + "
+          f"{args.new_tokens} new tokens, {torch.get_num_threads()} threads ==")  # fmt: skip
+    print(f"{'metric':<28}{'transformers':>14}{'disagg':>12}{'ratio':>9}")
+    rows = [
+        ("output tok/s (end to end)", "output_tok_s", "end_to_end"),
+        ("decode tok/s (decode phase)", "decode_tok_s", "decode_phase"),
+        ("prefill tok/s", "prefill_tok_s", "prefill"),
+    ]
+    for label, key, ratio in rows:
+        print(f"{label:<28}{theirs[key]:>14.1f}{ours[key]:>12.1f}{ratios[ratio]:>8.2f}x")
+    label = f"decode step @ batch {args.num_requests} (ms)"
+    print(f"{label:<28}{step['transformers_ms']:>14.1f}{step['ours_ms']:>12.1f}"
+          f"{ratios['decode_step_ours_over_dense']:>8.2f}x ours/dense")  # fmt: skip
+
+
+def main(args: argparse.Namespace) -> int:
+    device = resolve_device("cpu")
+    dtypes = list(dict.fromkeys(resolve_dtype(d, device) for d in args.dtypes.split(",")))
+    results = []
+    for dtype in dtypes:
+        result = bench_dtype(args, dtype)
+        print_table(result, args)
+        results.append(result)
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "engine_throughput.json"
+    meta = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    config = {k: v for k, v in vars(args).items() if k != "func"} | meta
+    path.write_text(json.dumps({"config": config, "results": results}, indent=2))
+    print(f"\nwrote {path}")
+    return 0

@@ -1,0 +1,93 @@
+"""The coordinator process: HTTP front door, worker registry, dispatch."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+import uvicorn
+
+from coordinator.admission import Admission
+from coordinator.app import build_app
+from coordinator.dispatcher import DispatchConfig, Dispatcher
+from coordinator.registry import RegistryService, WorkerRegistry
+from disagg.model_loader import load_model_info
+from disagg.rpc import control_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    model: str = "default"
+    """Model whose tokenizer and limits the front door uses; workers must serve the same."""
+    served_model_name: str = ""
+    """Name clients use in `model`; defaults to the model's own name."""
+    host: str = "0.0.0.0"
+    """Address the HTTP and control servers bind."""
+    http_port: int = 8000
+    """OpenAI and KServe REST."""
+    control_port: int = 50050
+    """Worker registry (Register, Heartbeat)."""
+    heartbeat_interval_s: float = 1.0
+    """How often workers report."""
+    heartbeat_timeout_s: float = 3.0
+    """A worker silent this long is out of rotation."""
+    max_waiting: int = 256
+    """Requests that may wait for KV room before new ones are refused."""
+    queue_timeout_s: float = 30.0
+    """Longest wait for KV room."""
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError("heartbeat_timeout_s must exceed heartbeat_interval_s")
+        if self.max_waiting < 0:
+            raise ValueError("max_waiting must be >= 0")
+
+
+async def run(config: CoordinatorConfig) -> None:
+    model = load_model_info(config.model)
+    served_name = config.served_model_name or model.name
+    registry = WorkerRegistry(config.heartbeat_interval_s, config.heartbeat_timeout_s)
+    admission = Admission(config.max_waiting, config.queue_timeout_s)
+    registry.on_change(admission.notify)
+    dispatcher = Dispatcher(registry, admission, DispatchConfig())
+
+    control = grpc.aio.server()
+    pb_grpc.add_RegistryServicer_to_server(RegistryService(registry, model.name), control)
+    control.add_insecure_port(f"{config.host}:{config.control_port}")
+    await control.start()
+
+    app = build_app(dispatcher, registry, model, served_name)
+    http = uvicorn.Server(
+        uvicorn.Config(
+            app, host=config.host, port=config.http_port, log_level="warning", lifespan="off"
+        )
+    )
+    http.install_signal_handlers = lambda: None  # we handle signals for both servers
+    sweeper = asyncio.create_task(registry.run_sweeper())
+    serving = asyncio.create_task(http.serve())
+    print(
+        f"disagg coordinator: HTTP on {config.host}:{config.http_port}, "
+        f"control on {config.host}:{config.control_port}, model {served_name}",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await asyncio.wait(
+        [serving, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+    )
+    http.should_exit = True
+    await serving
+    sweeper.cancel()
+    await control.stop(grace=1.0)
+
+
+def main(config: CoordinatorConfig) -> int:
+    asyncio.run(run(config))
+    return 0

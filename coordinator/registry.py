@@ -1,0 +1,144 @@
+"""Which workers exist and how loaded they are: fed by Register and Heartbeat.
+
+A worker that misses heartbeats for `heartbeat_timeout_s` is taken out of
+rotation (and forgotten; it registers again if it comes back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from disagg.rpc import control_pb2 as pb
+from disagg.rpc import control_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+ROLES_FOR = {"prefill": ("prefill", "colocated"), "decode": ("decode", "colocated")}
+
+
+@dataclass
+class WorkerRecord:
+    info: pb.WorkerInfo
+    channel: grpc.aio.Channel
+    last_seen_s: float
+    free_kv_blocks: int
+    load: int = 0
+    reserved_blocks: int = 0
+    """Blocks this coordinator allocated on the worker since its last heartbeat."""
+    prompt_tokens_in_flight: int = 0
+    """Prompt tokens this coordinator has sent the worker and not yet had back."""
+    decode: pb_grpc.DecodeWorkerStub = field(init=False)
+    prefill: pb_grpc.PrefillWorkerStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.decode = pb_grpc.DecodeWorkerStub(self.channel)
+        self.prefill = pb_grpc.PrefillWorkerStub(self.channel)
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id
+
+    @property
+    def free_blocks_estimate(self) -> int:
+        return self.free_kv_blocks - self.reserved_blocks
+
+
+class WorkerRegistry:
+    def __init__(self, heartbeat_interval_s: float = 1.0, heartbeat_timeout_s: float = 3.0) -> None:
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self._workers: dict[str, WorkerRecord] = {}
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Called whenever capacity may have grown (a worker joined or reported free blocks)."""
+        self._listeners.append(listener)
+
+    def register(self, info: pb.WorkerInfo) -> None:
+        old = self._workers.pop(info.worker_id, None)
+        if old is not None:
+            asyncio.ensure_future(old.channel.close())
+        channel = grpc.aio.insecure_channel(info.address)
+        self._workers[info.worker_id] = WorkerRecord(
+            info, channel, time.monotonic(), free_kv_blocks=info.total_kv_blocks
+        )
+        log.info("worker %s (%s) registered at %s", info.worker_id, info.role, info.address)
+        self._changed()
+
+    def heartbeat(self, request: pb.HeartbeatRequest) -> bool:
+        record = self._workers.get(request.worker_id)
+        if record is None:
+            return False
+        record.last_seen_s = time.monotonic()
+        record.free_kv_blocks = request.free_kv_blocks
+        record.reserved_blocks = 0
+        record.load = request.load
+        self._changed()
+        return True
+
+    def healthy(self, role: str) -> list[WorkerRecord]:
+        """Workers that can do `role` ("prefill" or "decode")."""
+        return [w for w in self._workers.values() if w.info.role in ROLES_FOR[role]]
+
+    def all(self) -> list[WorkerRecord]:
+        return list(self._workers.values())
+
+    def get(self, worker_id: str) -> WorkerRecord | None:
+        return self._workers.get(worker_id)
+
+    def sweep(self, now_s: float | None = None) -> list[str]:
+        """Forget workers whose heartbeats stopped."""
+        now_s = time.monotonic() if now_s is None else now_s
+        stale = [
+            w.worker_id
+            for w in self._workers.values()
+            if now_s - w.last_seen_s > self.heartbeat_timeout_s
+        ]
+        for worker_id in stale:
+            record = self._workers.pop(worker_id)
+            asyncio.ensure_future(record.channel.close())
+            log.warning("worker %s missed its heartbeats; out of rotation", worker_id)
+        return stale
+
+    async def run_sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval_s / 2)
+            self.sweep()
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+
+class RegistryService(pb_grpc.RegistryServicer):
+    def __init__(self, registry: WorkerRegistry, model: str) -> None:
+        self.registry = registry
+        self.model = model
+
+    async def Register(
+        self, request: pb.WorkerInfo, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterResponse:
+        if request.role not in ("prefill", "decode", "colocated"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown role {request.role!r}")
+        if not request.address or not request.worker_id:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "worker_id and address are required"
+            )
+        if request.model != self.model:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"worker serves {request.model!r}, this cluster serves {self.model!r}",
+            )
+        self.registry.register(request)
+        return pb.RegisterResponse(heartbeat_interval_s=self.registry.heartbeat_interval_s)
+
+    async def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HeartbeatResponse:
+        return pb.HeartbeatResponse(known=self.registry.heartbeat(request))

@@ -1,0 +1,63 @@
+"""The colocated role: a decode worker that also runs Prefill itself, into the handle's blocks.
+
+Same engine, same API as a prefill + decode pair, no KV transfer: this is the
+baseline every benchmark compares disaggregation with.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from disagg.engine_loop import EngineLoop
+from disagg.errors import InvalidRequestError
+from disagg.kv_handles import FreeReason, HandleState, HandleTable
+from disagg.prefill_result import PrefillResult, run_prefill
+from disagg.rpc import control_pb2 as pb
+from disagg.rpc import control_pb2_grpc as pb_grpc
+from disagg.rpc_convert import sampling_from_proto
+from disagg.sequence import Sequence
+
+
+class InPlacePrefill(PrefillResult):
+    def __init__(self, table: HandleTable, handle_id: str) -> None:
+        super().__init__()
+        self.table = table
+        self.handle_id = handle_id
+
+    def hand_over(self, seq: Sequence) -> tuple[int, int]:
+        self.table.mark_ready(self.handle_id)
+        return 0, 0
+
+    def abandon(self, seq: Sequence) -> None:
+        self.table.fail(self.handle_id, FreeReason.PREFILL_FAILED)
+
+
+class ColocatedPrefillService(pb_grpc.PrefillWorkerServicer):
+    def __init__(self, table: HandleTable, loop: EngineLoop) -> None:
+        self.table = table
+        self.loop = loop
+
+    async def Prefill(
+        self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PrefillResponse:
+        handle = self.table.get(request.handle.handle_id)
+        if handle is None or handle.state != HandleState.ALLOCATED:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "KV handle is not ours or not fresh"
+            )
+        if list(request.prompt_token_ids) != handle.prompt_token_ids:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "prompt differs from the allocated one"
+            )
+        try:
+            params = sampling_from_proto(request.sampling)
+        except InvalidRequestError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        seq = Sequence(
+            list(handle.prompt_token_ids),
+            params,
+            request_id=request.request_id,
+            block_table=list(handle.block_ids),
+            owns_blocks=False,
+        )
+        return await run_prefill(self.loop, seq, InPlacePrefill(self.table, handle.handle_id))

@@ -1,0 +1,100 @@
+"""A decode worker process (or, with `colocated`, a worker that runs both phases)."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from dataclasses import dataclass
+
+from decode_worker.colocated import ColocatedPrefillService
+from decode_worker.service import DecodeService, SettleWaiters
+from disagg.engine import EngineConfig, LLMEngine
+from disagg.engine_loop import EngineLoop
+from disagg.kv_handles import HandleTable
+from disagg.kv_transfer import KVReceiver
+from disagg.rpc import control_pb2 as pb
+from disagg.rpc import control_pb2_grpc as pb_grpc
+from disagg.worker_process import WorkerConfig, apply_threads, serve_worker, watch_parent
+
+
+@dataclass(frozen=True)
+class DecodeWorkerConfig:
+    colocated: bool = False
+    """Also serve Prefill, computing KV in place (the baseline role)."""
+    kv_transport: str = "tcp"
+    """tcp (works across hosts) or ipc (same host only)."""
+    ready_timeout_s: float = 30.0
+    """A handle whose KV has not all arrived by then is freed."""
+    claim_timeout_s: float = 30.0
+    """A READY handle that no Decode claims by then is freed."""
+
+    def __post_init__(self) -> None:
+        if self.kv_transport not in ("tcp", "ipc"):
+            raise ValueError(f"kv_transport must be tcp or ipc, got {self.kv_transport!r}")
+        if self.ready_timeout_s <= 0 or self.claim_timeout_s <= 0:
+            raise ValueError("ready_timeout_s and claim_timeout_s must be > 0")
+
+
+def receiver_bind(config: WorkerConfig, transport: str) -> str:
+    if transport == "ipc":
+        return f"ipc://{tempfile.mkdtemp(prefix='disagg-kv-')}/kv.sock"
+    return f"tcp://{config.host}:0"
+
+
+async def run(
+    engine_config: EngineConfig, config: WorkerConfig, decode: DecodeWorkerConfig
+) -> None:
+    watch_parent()
+    apply_threads(config)
+    engine = LLMEngine(engine_config)
+    waiters = SettleWaiters()
+    table = HandleTable(
+        engine.block_manager,
+        engine.kv_cache,
+        decode.ready_timeout_s,
+        decode.claim_timeout_s,
+        hooks=[waiters],
+    )
+    role = "colocated" if decode.colocated else "decode"
+    worker_id = config.resolved_id(role)
+    receiver = None
+    if not decode.colocated:
+        bind = receiver_bind(config, decode.kv_transport)
+        receiver = KVReceiver(bind, table, advertise_host=config.advertise_host).start()
+    loop = EngineLoop(engine, tick=table.expire)
+    loop.start()
+    endpoint = receiver.endpoint if receiver else ""
+    service = DecodeService(engine, table, loop, waiters, worker_id, endpoint)
+
+    def add_services(server) -> None:
+        pb_grpc.add_DecodeWorkerServicer_to_server(service, server)
+        if decode.colocated:
+            prefill = ColocatedPrefillService(table, loop)
+            pb_grpc.add_PrefillWorkerServicer_to_server(prefill, server)
+
+    def status() -> pb.HeartbeatRequest:
+        return pb.HeartbeatRequest(
+            worker_id=worker_id,
+            load=service.load(),
+            free_kv_blocks=engine.block_manager.num_free_blocks,
+        )
+
+    def on_stop() -> None:
+        loop.stop()
+        if receiver is not None:
+            receiver.stop()
+
+    info = pb.WorkerInfo(
+        worker_id=worker_id,
+        role=role,
+        model=engine.loaded.name,
+        capacity=engine_config.max_num_seqs,
+        total_kv_blocks=engine.block_manager.num_blocks,
+        block_size=engine_config.block_size,
+    )
+    await serve_worker(config, info, add_services, status, on_stop)
+
+
+def main(engine_config: EngineConfig, config: WorkerConfig, decode: DecodeWorkerConfig) -> int:
+    asyncio.run(run(engine_config, config, decode))
+    return 0

@@ -1,0 +1,209 @@
+"""The decode worker's gRPC face: Allocate a KV handle, Decode from it, Free it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from disagg.engine import LLMEngine
+from disagg.engine_loop import EngineLoop, SequenceListener
+from disagg.errors import InvalidRequestError, OutOfBlocksError
+from disagg.kv_handles import FreeReason, HandleHooks, HandleTable, KVHandle
+from disagg.rpc import control_pb2 as pb
+from disagg.rpc import control_pb2_grpc as pb_grpc
+from disagg.rpc_convert import (
+    layout_to_proto,
+    logprob_from_proto,
+    logprob_to_proto,
+    sampling_from_proto,
+)
+from disagg.sampling_params import SamplingParams
+from disagg.sequence import Sequence, SequenceStatus
+from disagg.thread_bridge import ThreadSafeQueue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenOut:
+    token_id: int | None
+    time_unix_s: float
+    finish_reason: str = ""
+    logprob: object = None
+    error: str = ""
+
+
+class DecodeStream(SequenceListener):
+    """One Decode RPC's view of its sequence, fed from the engine thread."""
+
+    def __init__(self) -> None:
+        self.events: ThreadSafeQueue[TokenOut] = ThreadSafeQueue()
+
+    def on_token(self, seq: Sequence) -> None:
+        logprob = seq.output_logprobs[-1] if seq.params.logprobs is not None else None
+        reason = seq.finish_reason or ""
+        self.events.put(TokenOut(seq.output_token_ids[-1], time.time(), reason, logprob))
+
+    def on_finished(self, seq: Sequence) -> None:
+        self.events.put(TokenOut(None, time.time(), seq.finish_reason or "abort"))
+
+    def on_error(self, seq: Sequence, error: Exception) -> None:
+        self.events.put(TokenOut(None, time.time(), "error", error=str(error)))
+
+
+class SettleWaiters(HandleHooks):
+    """Wakes coroutines waiting for a handle to become READY (or fail) without a thread each."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._events: dict[str, asyncio.Event] = {}
+
+    async def wait(self, handle: KVHandle, timeout_s: float) -> bool:
+        event = self._events.setdefault(handle.handle_id, asyncio.Event())
+        try:
+            if not handle.settled.is_set():
+                await asyncio.wait_for(event.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._events.pop(handle.handle_id, None)
+
+    def on_ready(self, handle: KVHandle) -> None:
+        self._loop.call_soon_threadsafe(self._wake, handle.handle_id)
+
+    def on_free(self, handle: KVHandle, reason: str) -> None:
+        self._loop.call_soon_threadsafe(self._wake, handle.handle_id)
+
+    def _wake(self, handle_id: str) -> None:
+        event = self._events.get(handle_id)
+        if event is not None:
+            event.set()
+
+
+class DecodeService(pb_grpc.DecodeWorkerServicer):
+    def __init__(
+        self,
+        engine: LLMEngine,
+        table: HandleTable,
+        loop: EngineLoop,
+        waiters: SettleWaiters,
+        worker_id: str,
+        zmq_endpoint: str,
+    ) -> None:
+        self.engine = engine
+        self.table = table
+        self.loop = loop
+        self.waiters = waiters
+        self.worker_id = worker_id
+        self.zmq_endpoint = zmq_endpoint
+        self._decoding: dict[str, Sequence] = {}
+
+    async def Allocate(
+        self, request: pb.AllocateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.KVHandle:
+        prompt = list(request.prompt_token_ids)
+        try:
+            self.engine.validate(prompt, SamplingParams(max_tokens=request.max_new_tokens))
+            handle = self.table.allocate(request.request_id, prompt, request.max_new_tokens)
+        except InvalidRequestError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except OutOfBlocksError as error:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        remaining_s = handle.deadline_s - time.monotonic()
+        return pb.KVHandle(
+            handle_id=handle.handle_id,
+            worker_id=self.worker_id,
+            zmq_endpoint=self.zmq_endpoint,
+            block_ids=handle.block_ids,
+            layout=layout_to_proto(self.engine.kv_cache.layout),
+            num_prompt_tokens=handle.num_prompt_tokens,
+            expires_at_unix_s=time.time() + remaining_s,
+        )
+
+    async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext):
+        handle = self.table.get(request.handle_id)
+        if handle is None:
+            reason = self.table.end_reason(request.handle_id) or "unknown"
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"KV handle is gone: {reason}")
+        try:
+            params = sampling_from_proto(request.sampling)
+        except InvalidRequestError as error:
+            self.table.fail(handle.handle_id, FreeReason.ERROR)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        await self.waiters.wait(handle, max(0.0, handle.deadline_s - time.monotonic()))
+        if self.table.claim(handle.handle_id) is None:
+            reason = handle.free_reason or f"KV not ready ({handle.state.name})"
+            self.table.fail(handle.handle_id, FreeReason.EXPIRED)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"KV handle failed: {reason}")
+        seq = self._sequence(handle, params, request)
+        stream = DecodeStream()
+        self._decoding[handle.handle_id] = seq
+        self.loop.decode(seq, stream)
+        reason = FreeReason.CANCELLED
+        try:
+            while True:
+                event = await stream.events.get()
+                if event.error:
+                    reason = FreeReason.ERROR
+                    await context.abort(grpc.StatusCode.INTERNAL, event.error)
+                if event.token_id is None:
+                    reason = FreeReason.FINISHED if event.finish_reason != "abort" else reason
+                    yield pb.TokenEvent(
+                        time_unix_s=event.time_unix_s, finish_reason=event.finish_reason
+                    )
+                    return
+                yield pb.TokenEvent(
+                    token_id=event.token_id,
+                    time_unix_s=event.time_unix_s,
+                    finish_reason=event.finish_reason,
+                    logprob=logprob_to_proto(event.logprob),
+                )
+                if event.finish_reason:
+                    reason = FreeReason.FINISHED
+                    return
+        finally:
+            self._decoding.pop(handle.handle_id, None)
+            if reason != FreeReason.FINISHED:
+                self.loop.abort(seq)  # a cancelled stream is a disconnect: free the blocks
+            self.table.release(handle.handle_id, reason)
+
+    async def Free(
+        self, request: pb.FreeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FreeResponse:
+        seq = self._decoding.get(request.handle_id)
+        if seq is not None:
+            self.loop.abort(seq)
+        reason = request.reason or FreeReason.CANCELLED
+        freed = (
+            self.table.fail(request.handle_id, reason) if reason != FreeReason.FINISHED else False
+        )
+        freed = freed or self.table.release(request.handle_id, reason)
+        return pb.FreeResponse(freed=freed)
+
+    def _sequence(
+        self, handle: KVHandle, params: SamplingParams, request: pb.DecodeRequest
+    ) -> Sequence:
+        """A sequence whose prompt KV is in the handle's blocks and whose first token is known."""
+        seq = Sequence(
+            list(handle.prompt_token_ids),
+            params,
+            request_id=handle.request_id,
+            output_token_ids=[request.first_token_id],
+            block_table=list(handle.block_ids),
+            num_computed_tokens=handle.num_prompt_tokens,
+            status=SequenceStatus.RUNNING,
+        )
+        if request.HasField("first_logprob"):
+            seq.output_logprobs.append(
+                logprob_from_proto(request.first_token_id, request.first_logprob)
+            )
+        return seq
+
+    def load(self) -> int:
+        """Sequences decoding plus handles still waiting for their KV."""
+        return self.loop.num_sequences + self.table.num_pending

@@ -1,0 +1,1 @@
+"""Generated gRPC code; regenerate with `make proto`, never edit by hand."""

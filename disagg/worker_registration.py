@@ -1,0 +1,67 @@
+"""A worker's side of the coordinator registry: register, then heartbeat until stopped.
+
+A coordinator that restarts forgets its workers; a heartbeat answered with
+`known=False` makes the worker register again, so the cluster heals itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from disagg.rpc import control_pb2 as pb
+from disagg.rpc import control_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+RPC_TIMEOUT_S = 5.0
+
+
+class WorkerRegistration:
+    def __init__(
+        self,
+        coordinator: str,
+        info: pb.WorkerInfo,
+        status: Callable[[], pb.HeartbeatRequest],
+    ) -> None:
+        self.coordinator = coordinator
+        self.info = info
+        self.status = status
+        self._channel = grpc.aio.insecure_channel(coordinator)
+        self._stub = pb_grpc.RegistryStub(self._channel)
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="heartbeat")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._channel.close()
+
+    async def _run(self) -> None:
+        interval_s = await self._register()
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                reply = await self._stub.Heartbeat(self.status(), timeout=RPC_TIMEOUT_S)
+            except grpc.aio.AioRpcError as error:
+                log.warning("heartbeat to %s failed: %s", self.coordinator, error.code())
+                continue
+            if not reply.known:
+                interval_s = await self._register()
+
+    async def _register(self) -> float:
+        """Retry until the coordinator answers (it may start after us)."""
+        while True:
+            try:
+                reply = await self._stub.Register(self.info, timeout=RPC_TIMEOUT_S)
+                log.info("registered %s with %s", self.info.worker_id, self.coordinator)
+                return reply.heartbeat_interval_s or 1.0
+            except grpc.aio.AioRpcError as error:
+                log.info("coordinator %s not reachable yet (%s)", self.coordinator, error.code())
+                await asyncio.sleep(0.5)
