@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch; a GPU host can pass TORCH_SPEC="torch==2.13.0 --index-url ...".
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+SERVE_ARGS ?=
 
 .PHONY: install serve test lint format proto bench clean
 
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: install
-	$(VENV)/bin/disagg generate
+	$(VENV)/bin/disagg serve $(SERVE_ARGS)
 
 test: install
 	$(PY) -m ruff check .

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import engine_throughput, kv_transfer
+from bench import engine_throughput, kv_transfer, ttft
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     transfer = commands.add_parser("kv-transfer", help="KV data plane vs raw ZeroMQ, one process")
     kv_transfer.add_arguments(transfer)
     transfer.set_defaults(func=kv_transfer.main)
+    ttft_parser = commands.add_parser("ttft", help="one long request: disaggregated vs colocated")
+    ttft.add_arguments(ttft_parser)
+    ttft_parser.set_defaults(func=ttft.main)
     return parser
 
 

@@ -102,10 +102,7 @@ class CompletionsEndpoint:
         model = body.get("model", self.served_name)
         if model not in (self.served_name, self.model.name):
             raise LookupError(f"model {model!r} not found; this server serves {self.served_name!r}")
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str):
-            raise InvalidRequestError("prompt must be a string", "prompt")
-        prompt_ids = encode_prompt(self.model.tokenizer, prompt)
+        prompt_ids = self._prompt_ids(body.get("prompt"))
         if not prompt_ids:
             raise InvalidRequestError("prompt is empty", "prompt")
         params = sampling_params(body)
@@ -116,6 +113,17 @@ class CompletionsEndpoint:
                 "max_tokens",
             )
         return prompt_ids, params
+
+    def _prompt_ids(self, prompt: object) -> list[int]:
+        """A string, or (as OpenAI allows) the prompt's token ids."""
+        if isinstance(prompt, str):
+            return encode_prompt(self.model.tokenizer, prompt)
+        vocab_size = len(self.model.tokenizer)
+        if isinstance(prompt, list) and all(type(t) is int and 0 <= t < vocab_size for t in prompt):
+            return prompt
+        raise InvalidRequestError(
+            f"prompt must be a string or a list of token ids in [0, {vocab_size})", "prompt"
+        )
 
     async def _pieces(
         self, prompt_ids: list[int], params: SamplingParams, trace: RequestTrace

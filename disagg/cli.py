@@ -133,6 +133,7 @@ def run_serve(args: argparse.Namespace) -> int:
         control_port=args.control_port,
         served_model_name=args.served_model_name,
         kv_transport=args.kv_transport,
+        worker_threads=args.worker_threads,
     )
     return serve(plan)
 
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(serve, "--prefill-workers", type=int, default=1)
     add_option(serve, "--decode-workers", type=int, default=1)
     add_option(serve, "--kv-transport", default="ipc", choices=["tcp", "ipc"])
+    add_option(serve, "--worker-threads", type=int, default=0, help="0 = split cores evenly")
     serve.set_defaults(func=run_serve)
 
     coordinator = commands.add_parser("coordinator", help="the front door and scheduler")

@@ -15,8 +15,11 @@ DTYPES: dict[str, torch.dtype] = {
 
 def resolve_device(name: str) -> torch.device:
     """`cpu`, `cuda` or `cuda:N`; a CUDA device that is not there is an error, not a fallback."""
-    device = torch.device(name)
-    if device.type not in ("cpu", "cuda"):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         raise InvalidRequestError(f"unsupported device {name!r}; use cpu, cuda or cuda:N", "device")
     if device.type == "cuda":
         if not torch.cuda.is_available():

@@ -36,6 +36,8 @@ class ClusterPlan:
     served_model_name: str = ""
     kv_transport: str = "ipc"
     total_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    worker_threads: int = 0
+    """torch threads per worker; 0 splits the machine's cores evenly between workers."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("disaggregated", "colocated"):
@@ -49,8 +51,8 @@ class ClusterPlan:
 
     @property
     def threads_per_worker(self) -> int:
-        """NOTE: the CPU cores are split evenly so that workers do not fight over them."""
-        return max(1, self.total_threads // self.num_workers)
+        """NOTE: by default the cores are split evenly so that workers do not fight over them."""
+        return self.worker_threads or max(1, self.total_threads // self.num_workers)
 
     def commands(self) -> list[tuple[str, list[str]]]:
         cli = [sys.executable, "-m", "disagg.cli"]

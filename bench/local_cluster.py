@@ -1,0 +1,106 @@
+"""A `disagg serve` started on free local ports, for benchmarks and tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+START_TIMEOUT_S = 300.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get_json(url: str, timeout_s: float = 5.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        return json.load(response)
+
+
+def post_json(url: str, body: dict, timeout_s: float = 300.0) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
+    """Poll `predicate` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+class LocalCluster:
+    """`with LocalCluster("--mode", "colocated") as cluster: cluster.url ...`"""
+
+    def __init__(self, *args: str, num_workers: int | None = None) -> None:
+        self.http_port = free_port()
+        self.control_port = free_port()
+        self.args = [
+            *args,
+            "--host", "127.0.0.1",
+            "--http-port", str(self.http_port),
+            "--control-port", str(self.control_port),
+        ]  # fmt: skip
+        self.num_workers = num_workers or self._count_workers()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> LocalCluster:
+        command = [sys.executable, "-m", "disagg.cli", "serve", *self.args]
+        self.process = subprocess.Popen(command, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        try:
+            wait_until(self._ready, START_TIMEOUT_S, "the cluster to start", interval_s=0.5)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def cluster(self) -> dict:
+        return get_json(f"{self.url}/cluster")
+
+    def completion(self, prompt: str | list[int], **fields: object) -> tuple[int, dict]:
+        return post_json(f"{self.url}/v1/completions", {"prompt": prompt, **fields})
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=60)
+
+    def _ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"disagg serve exited with {self.process.returncode}")
+        try:
+            state = self.cluster()
+        except OSError:
+            return False
+        return state["ready"] and len(state["workers"]) >= self.num_workers
+
+    def _count_workers(self) -> int:
+        def count(flag: str) -> int:
+            return int(self.args[self.args.index(flag) + 1]) if flag in self.args else 1
+
+        if "colocated" in self.args:
+            return count("--decode-workers")
+        return count("--prefill-workers") + count("--decode-workers")
