@@ -9,15 +9,13 @@ same batch with its dense KV cache, to show what paging costs.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from bench.report import write_report
 from disagg.device import resolve_device, resolve_dtype
 from disagg.engine import EngineConfig, LLMEngine
 from disagg.model_loader import LoadedModel, load_model
@@ -177,14 +175,5 @@ def main(args: argparse.Namespace) -> int:
         result = bench_dtype(args, dtype)
         print_table(result, args)
         results.append(result)
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "engine_throughput.json"
-    meta = {
-        "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-    }
-    config = {k: v for k, v in vars(args).items() if k != "func"} | meta
-    path.write_text(json.dumps({"config": config, "results": results}, indent=2))
-    print(f"\nwrote {path}")
+    write_report(args, "engine_throughput", results)
     return 0

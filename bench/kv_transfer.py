@@ -14,20 +14,18 @@ median of the repeats.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import zmq
 
+from bench.report import write_report
 from disagg.kv_cache import KVLayout, PagedKVCache
 from disagg.kv_transfer import KVReceiver, KVSender
 from disagg.kv_wire import DTYPES, DoneHeader, LayerHeader, combine, frame_buffer
@@ -240,15 +238,5 @@ def main(args: argparse.Namespace) -> int:
     for transport in args.transports.split(","):
         results.extend(bench_transport(args, transport, prompts))
     print_table(results, args)
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "kv_transfer.json"
-    meta = {
-        "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "same_process": True,
-    }
-    config = {k: v for k, v in vars(args).items() if k != "func"} | meta
-    path.write_text(json.dumps({"config": config, "results": results}, indent=2))
-    print(f"\nwrote {path}")
+    write_report(args, "kv_transfer", results, same_process=True)
     return 0

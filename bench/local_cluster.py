@@ -53,11 +53,13 @@ class LocalCluster:
 
     def __init__(self, *args: str, num_workers: int | None = None) -> None:
         self.http_port = free_port()
+        self.grpc_port = free_port()
         self.control_port = free_port()
         self.args = [
             *args,
             "--host", "127.0.0.1",
             "--http-port", str(self.http_port),
+            "--grpc-port", str(self.grpc_port),
             "--control-port", str(self.control_port),
         ]  # fmt: skip
         self.num_workers = num_workers or self._count_workers()

@@ -16,9 +16,9 @@ import random
 import statistics
 import time
 import urllib.request
-from pathlib import Path
 
 from bench.local_cluster import LocalCluster
+from bench.report import write_report
 from disagg.model_loader import load_model_info
 
 
@@ -100,10 +100,5 @@ def main(args: argparse.Namespace) -> int:
               f"{r['kv_transfer_s_median']:>11.4f}{r['kv_bytes'] / 1e6:>8.1f}")  # fmt: skip
     print(f"disaggregated / colocated (same prefill threads): {ratio:.3f}x "
           f"(transfer adds {100 * (ratio - 1):+.1f}%)")  # fmt: skip
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k != "func"}
-    report = {"config": config, "results": results, "ratio": ratio}
-    (out / "ttft.json").write_text(json.dumps(report, indent=2))
-    print(f"wrote {out / 'ttft.json'}")
+    write_report(args, "ttft", results, ratio=ratio)
     return 0

@@ -1,4 +1,4 @@
-"""The coordinator's HTTP app: routes to endpoints, nothing else."""
+"""The coordinator's HTTP app: OpenAI, KServe V2 REST, metrics and cluster views."""
 
 from __future__ import annotations
 
@@ -7,28 +7,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from coordinator.completions import CompletionsEndpoint
-from coordinator.dispatcher import Dispatcher
-from coordinator.registry import WorkerRegistry
-from disagg.model_loader import ModelInfo
+from coordinator import kserve_rest, openai_api
+from coordinator.frontend import Frontend
 
 
-def is_ready(registry: WorkerRegistry) -> bool:
-    return bool(registry.healthy("prefill")) and bool(registry.healthy("decode"))
-
-
-def build_app(
-    dispatcher: Dispatcher, registry: WorkerRegistry, model: ModelInfo, served_name: str
-) -> Starlette:
-    async def health_ready(request: Request) -> Response:
-        return Response(status_code=200 if is_ready(registry) else 503)
-
-    async def health_live(request: Request) -> Response:
-        return Response(status_code=200)
-
-    async def models(request: Request) -> JSONResponse:
-        card = {"id": served_name, "object": "model", "created": 0, "owned_by": "disagg"}
-        return JSONResponse({"object": "list", "data": [card]})
+def build_app(frontend: Frontend) -> Starlette:
+    async def metrics(request: Request) -> Response:
+        body = frontend.metrics.render(
+            frontend.registry, frontend.generator.num_running, frontend.admission.num_waiting
+        )
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def cluster(request: Request) -> JSONResponse:
         workers = [
@@ -36,20 +24,19 @@ def build_app(
                 "worker_id": w.worker_id,
                 "role": w.info.role,
                 "address": w.info.address,
+                "healthy": True,
                 "load": w.load,
                 "free_kv_blocks": w.free_kv_blocks,
                 "total_kv_blocks": w.info.total_kv_blocks,
             }
-            for w in registry.all()
+            for w in frontend.registry.all()
         ]
-        return JSONResponse({"ready": is_ready(registry), "workers": workers})
+        return JSONResponse({"ready": frontend.is_ready, "workers": workers})
 
-    completions = CompletionsEndpoint(dispatcher, model, served_name)
     routes = [
-        Route("/v1/completions", completions.handle, methods=["POST"]),
-        Route("/v1/models", models),
-        Route("/v2/health/ready", health_ready),
-        Route("/v2/health/live", health_live),
+        *openai_api.routes(frontend),
+        *kserve_rest.routes(frontend),
+        Route("/metrics", metrics),
         Route("/cluster", cluster),
     ]
     return Starlette(routes=routes)

@@ -10,9 +10,13 @@ from dataclasses import dataclass
 import grpc
 import uvicorn
 
+from coordinator import kserve_grpc
 from coordinator.admission import Admission
 from coordinator.app import build_app
 from coordinator.dispatcher import DispatchConfig, Dispatcher
+from coordinator.frontend import Frontend
+from coordinator.generation import Generator
+from coordinator.metrics import Metrics
 from coordinator.registry import RegistryService, WorkerRegistry
 from disagg.model_loader import load_model_info
 from disagg.rpc import control_pb2_grpc as pb_grpc
@@ -30,6 +34,8 @@ class CoordinatorConfig:
     """Address the HTTP and control servers bind."""
     http_port: int = 8000
     """OpenAI and KServe REST."""
+    grpc_port: int = 8001
+    """KServe V2 gRPC (inference.GRPCInferenceService)."""
     control_port: int = 50050
     """Worker registry (Register, Heartbeat)."""
     heartbeat_interval_s: float = 1.0
@@ -55,13 +61,21 @@ async def run(config: CoordinatorConfig) -> None:
     admission = Admission(config.max_waiting, config.queue_timeout_s)
     registry.on_change(admission.notify)
     dispatcher = Dispatcher(registry, admission, DispatchConfig())
+    metrics = Metrics(served_name)
+    frontend = Frontend(
+        Generator(dispatcher, model, metrics), model, served_name, registry, admission, metrics
+    )
 
     control = grpc.aio.server()
     pb_grpc.add_RegistryServicer_to_server(RegistryService(registry, model.name), control)
     control.add_insecure_port(f"{config.host}:{config.control_port}")
     await control.start()
+    inference = grpc.aio.server()
+    kserve_grpc.add_to_server(inference, frontend)
+    inference.add_insecure_port(f"{config.host}:{config.grpc_port}")
+    await inference.start()
 
-    app = build_app(dispatcher, registry, model, served_name)
+    app = build_app(frontend)
     http = uvicorn.Server(
         uvicorn.Config(
             app, host=config.host, port=config.http_port, log_level="warning", lifespan="off"
@@ -71,8 +85,9 @@ async def run(config: CoordinatorConfig) -> None:
     sweeper = asyncio.create_task(registry.run_sweeper())
     serving = asyncio.create_task(http.serve())
     print(
-        f"disagg coordinator: HTTP on {config.host}:{config.http_port}, "
-        f"control on {config.host}:{config.control_port}, model {served_name}",
+        f"disagg coordinator: HTTP on {config.host}:{config.http_port}, KServe gRPC on "
+        f"{config.host}:{config.grpc_port}, control on {config.host}:{config.control_port}, "
+        f"model {served_name}",
         flush=True,
     )
     stop = asyncio.Event()
@@ -85,6 +100,7 @@ async def run(config: CoordinatorConfig) -> None:
     http.should_exit = True
     await serving
     sweeper.cancel()
+    await inference.stop(grace=1.0)
     await control.stop(grace=1.0)
 
 

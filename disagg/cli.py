@@ -112,6 +112,7 @@ def run_coordinator(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         host=args.host,
         http_port=args.http_port,
+        grpc_port=args.grpc_port,
         control_port=args.control_port,
         heartbeat_timeout_s=args.heartbeat_timeout,
         max_waiting=args.max_waiting,
@@ -130,6 +131,7 @@ def run_serve(args: argparse.Namespace) -> int:
         num_decode=args.decode_workers,
         host=args.host,
         http_port=args.http_port,
+        grpc_port=args.grpc_port,
         control_port=args.control_port,
         served_model_name=args.served_model_name,
         kv_transport=args.kv_transport,
@@ -142,6 +144,7 @@ def add_coordinator_options(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--served-model-name", default="", help="name clients use for the model")
     add_option(parser, "--host", default="0.0.0.0", help="address the servers bind")
     add_option(parser, "--http-port", type=int, default=8000, help="OpenAI and KServe REST")
+    add_option(parser, "--grpc-port", type=int, default=8001, help="KServe V2 gRPC")
     add_option(parser, "--control-port", type=int, default=50050, help="worker registry gRPC")
 
 

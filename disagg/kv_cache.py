@@ -58,6 +58,24 @@ class PagedKVCache:
         self._flat(self.k[layer]).index_copy_(0, slots, k)
         self._flat(self.v[layer]).index_copy_(0, slots, v)
 
+    def write_range(
+        self, layer: int, block_table: list[int], start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Store K/V of positions [start, start + n). k, v: [n, Hkv, D], any device.
+
+        NOTE: within consecutive blocks this is one straight copy into the pool,
+        which is how arriving KV usually lands; otherwise a scatter.
+        """
+        end = start + k.shape[0]
+        slots = self.slot_ids(block_table, start, end)
+        first, count = slots[0], len(slots)
+        if slots[-1] - first == count - 1:
+            self._flat(self.k[layer])[first : first + count].copy_(k)
+            self._flat(self.v[layer])[first : first + count].copy_(v)
+            return
+        index = torch.tensor(slots, device=self.k[layer].device)
+        self.write(layer, index, k.to(index.device), v.to(index.device))
+
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of the given slots. slots: [...]; returns [..., Hkv, D] each."""
         k = self._flat(self.k[layer])[slots]

@@ -161,13 +161,7 @@ class HandleTable:
                 self.num_dropped_frames += 1
                 log.warning("dropped KV frame for handle %s: %s", header.handle_id, problem)
                 return
-            slots = torch.tensor(
-                self.kv_cache.slot_ids(handle.block_ids, header.start, header.end),
-                device=self.kv_cache.k[0].device,
-            )
-            self.kv_cache.write(
-                header.layer, slots, k.to(self.kv_cache.k[0].device), v.to(slots.device)
-            )
+            self.kv_cache.write_range(header.layer, handle.block_ids, header.start, k, v)
             handle.state = HandleState.RECEIVING
             handle.tokens_per_layer[header.layer] += header.end - header.start
             handle.checksum = combine(handle.checksum, checksum)

@@ -32,6 +32,7 @@ class ClusterPlan:
     num_decode: int = 1
     host: str = "0.0.0.0"
     http_port: int = 8000
+    grpc_port: int = 8001
     control_port: int = 50050
     served_model_name: str = ""
     kv_transport: str = "ipc"
@@ -58,7 +59,8 @@ class ClusterPlan:
         cli = [sys.executable, "-m", "disagg.cli"]
         coordinator = [
             *cli, "coordinator", "--host", self.host, "--http-port", str(self.http_port),
-            "--control-port", str(self.control_port), *self._model_only(),
+            "--grpc-port", str(self.grpc_port), "--control-port", str(self.control_port),
+            *self._model_only(),
         ]  # fmt: skip
         if self.served_model_name:
             coordinator += ["--served-model-name", self.served_model_name]
@@ -156,7 +158,7 @@ def serve(plan: ClusterPlan) -> int:
         roles = ", ".join(name for name in cluster.processes if name != "coordinator")
         print(
             f"disagg serve: ready on http://{plan.host}:{plan.http_port} "
-            f"(OpenAI /v1, KServe /v2, {plan.mode}: {roles}); Ctrl-C stops",
+            f"({plan.mode}: {roles}); Ctrl-C stops",
             flush=True,
         )
         return cluster.wait()

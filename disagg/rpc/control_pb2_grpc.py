@@ -5,7 +5,7 @@ import warnings
 
 from disagg.rpc import control_pb2 as disagg_dot_rpc_dot_control__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class DecodeWorkerStub:
+class DecodeWorkerStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -51,7 +51,7 @@ class DecodeWorkerStub:
                 _registered_method=True)
 
 
-class DecodeWorkerServicer:
+class DecodeWorkerServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Allocate(self, request, context):
@@ -98,7 +98,7 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class DecodeWorker:
+class DecodeWorker(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -183,7 +183,7 @@ class DecodeWorker:
             _registered_method=True)
 
 
-class PrefillWorkerStub:
+class PrefillWorkerStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -199,7 +199,7 @@ class PrefillWorkerStub:
                 _registered_method=True)
 
 
-class PrefillWorkerServicer:
+class PrefillWorkerServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Prefill(self, request, context):
@@ -224,7 +224,7 @@ def add_PrefillWorkerServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class PrefillWorker:
+class PrefillWorker(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -255,7 +255,7 @@ class PrefillWorker:
             _registered_method=True)
 
 
-class RegistryStub:
+class RegistryStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -276,7 +276,7 @@ class RegistryStub:
                 _registered_method=True)
 
 
-class RegistryServicer:
+class RegistryServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Register(self, request, context):
@@ -312,7 +312,7 @@ def add_RegistryServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Registry:
+class Registry(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

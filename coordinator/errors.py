@@ -1,0 +1,56 @@
+"""Which HTTP status each error earns; each protocol renders it in its own shape."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from coordinator.admission import OverloadedError
+from coordinator.dispatcher import WorkerError
+from disagg.errors import InvalidRequestError, OutOfBlocksError
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 << 20
+
+
+class NotFoundError(LookupError):
+    """An unknown model or version (404)."""
+
+    def __init__(self, message: str, param: str | None = "model") -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class TooLargeError(ValueError):
+    """A request body over the limit (413)."""
+
+
+@dataclass(frozen=True)
+class HttpError:
+    status: int
+    message: str
+    kind: str
+    param: str | None = None
+    retry_after_s: int | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+
+
+def classify(error: Exception) -> HttpError:
+    if isinstance(error, InvalidRequestError):
+        return HttpError(400, str(error), "invalid_request_error", error.param)
+    if isinstance(error, OutOfBlocksError):
+        return HttpError(400, str(error), "invalid_request_error", "max_tokens")
+    if isinstance(error, NotFoundError):
+        return HttpError(404, str(error), "not_found_error", error.param)
+    if isinstance(error, TooLargeError):
+        return HttpError(413, str(error), "invalid_request_error")
+    if isinstance(error, OverloadedError):
+        return HttpError(503, str(error), "overloaded_error", retry_after_s=error.retry_after_s)
+    if isinstance(error, WorkerError):
+        return HttpError(503, str(error), "service_unavailable", retry_after_s=1)
+    log.error("internal error: %r", error, exc_info=error)
+    return HttpError(500, f"internal error: {type(error).__name__}: {error}", "internal_error")

@@ -1,0 +1,142 @@
+"""Prompt ids in, text out: what every API (OpenAI, KServe REST, KServe gRPC) shares.
+
+Each protocol only parses its request into a `GenerationRequest` and shapes
+`TextChunk`s into its own responses; detokenization, stop strings, the
+context-length check, metrics and the log line live here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from coordinator.dispatcher import Dispatcher, RequestTrace
+from coordinator.metrics import Metrics
+from disagg.errors import InvalidRequestError
+from disagg.model_loader import ModelInfo
+from disagg.sampling_params import SamplingParams
+from disagg.sequence import TokenLogprob
+from disagg.tokenizer import TextStream
+
+DEFAULT_TENANT = "default"
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    tenant: str = DEFAULT_TENANT
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class TextChunk:
+    """New text and the tokens behind it; the last chunk carries the finish reason."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None
+    num_completion_tokens: int
+    """Tokens generated so far, this chunk included."""
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: str
+    num_prompt_tokens: int
+    trace: RequestTrace
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class Generator:
+    def __init__(self, dispatcher: Dispatcher, model: ModelInfo, metrics: Metrics) -> None:
+        self.dispatcher = dispatcher
+        self.model = model
+        self.metrics = metrics
+        self.num_running = 0
+
+    def check(self, request: GenerationRequest) -> None:
+        """Errors a client can fix, raised before anything is scheduled."""
+        if not request.prompt_ids:
+            raise InvalidRequestError("prompt is empty", "prompt")
+        limit = self.model.max_model_len
+        if len(request.prompt_ids) + request.params.max_tokens > limit:
+            raise InvalidRequestError(
+                f"prompt ({len(request.prompt_ids)} tokens) + max_tokens "
+                f"({request.params.max_tokens}) exceeds the model's context of {limit} tokens",
+                "max_tokens",
+            )
+
+    async def stream(
+        self, request: GenerationRequest, trace: RequestTrace
+    ) -> AsyncIterator[TextChunk]:
+        """Text as it is generated. Closing the iterator early cancels the request."""
+        self.check(request)
+        text = TextStream(self.model.tokenizer, stop=request.params.stop)
+        tokens = self.dispatcher.generate(request.prompt_ids, request.params, trace)
+        pending_ids: list[int] = []
+        pending_logprobs: list[TokenLogprob] = []
+        count, status = 0, "error"
+        self.num_running += 1
+        try:
+            async for update in tokens:
+                count += 1
+                pending_ids.append(update.token_id)
+                if update.logprob is not None:
+                    pending_logprobs.append(update.logprob)
+                delta, stopped = text.push([update.token_id])
+                finish = "stop" if stopped else update.finish_reason
+                if finish and not stopped:
+                    delta += text.finish()
+                if delta or finish:
+                    yield TextChunk(delta, pending_ids, pending_logprobs, finish, count)
+                    pending_ids, pending_logprobs = [], []
+                if finish:
+                    status = "finished"
+                    return
+            status = "finished"
+        except (GeneratorExit, asyncio.CancelledError):
+            status = "cancelled"
+            raise
+        finally:
+            self.num_running -= 1
+            await tokens.aclose()  # a stop string or a gone client frees the KV now
+            e2e_s = time.time() - trace.arrival_s
+            self.metrics.record(
+                trace, request.tenant, status, len(request.prompt_ids), count, e2e_s
+            )
+
+    async def complete(self, request: GenerationRequest) -> Completion:
+        trace = RequestTrace(request.request_id)
+        parts, ids, logprobs, reason = [], [], [], "length"
+        async for chunk in self.stream(request, trace):
+            parts.append(chunk.text)
+            ids += chunk.token_ids
+            logprobs += chunk.logprobs
+            reason = chunk.finish_reason or reason
+        return Completion("".join(parts), ids, logprobs, reason, len(request.prompt_ids), trace)
+
+
+def timings(trace: RequestTrace) -> dict:
+    """Per-response timings, for a key or header that standard clients ignore."""
+    return {
+        "ttft_s": trace.ttft_s,
+        "mean_tbt_s": trace.mean_tbt_s,
+        "queue_s": trace.queue_s,
+        "prefill_s": trace.prefill_s,
+        "kv_transfer_s": trace.kv_transfer_s,
+        "kv_bytes": trace.kv_bytes,
+        "prefill_worker": trace.prefill_worker,
+        "decode_worker": trace.decode_worker,
+        "e2e_s": time.time() - trace.arrival_s,
+    }

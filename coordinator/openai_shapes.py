@@ -1,0 +1,146 @@
+"""The JSON shapes of OpenAI's completion and chat responses, chunks and logprobs."""
+
+from __future__ import annotations
+
+import time
+
+from coordinator.generation import Completion, TextChunk
+from coordinator.openai_protocol import ParsedRequest
+from disagg.sequence import TokenLogprob
+
+
+def token_text(tokenizer: object, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+def usage(completions: list[Completion], parsed: ParsedRequest) -> dict:
+    """Each distinct prompt counts once, however many choices it has (as OpenAI counts)."""
+    per_choice = len(completions) // parsed.num_prompts
+    prompt = sum(completions[i * per_choice].num_prompt_tokens for i in range(parsed.num_prompts))
+    completion = sum(c.num_completion_tokens for c in completions)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+class Shape:
+    id_prefix = ""
+    object_name = ""
+    chunk_object = ""
+
+    def __init__(self, tokenizer: object) -> None:
+        self.tokenizer = tokenizer
+
+    def envelope(
+        self, response_id: str, created: int, model: str, choices: list, chunk: bool = True
+    ) -> dict:
+        kind = self.chunk_object if chunk else self.object_name
+        return {
+            "id": response_id,
+            "object": kind,
+            "created": created,
+            "model": model,
+            "choices": choices,
+        }
+
+    def opening_chunks(self, response_id: str, created: int, model: str, index: int) -> list[dict]:
+        return []
+
+    def response(
+        self, response_id: str, model: str, completions: list[Completion], parsed: ParsedRequest
+    ) -> dict:
+        choices = [self.choice(i, c, parsed) for i, c in enumerate(completions)]
+        return self.envelope(response_id, int(time.time()), model, choices, chunk=False)
+
+    def choice(self, index: int, completion: Completion, parsed: ParsedRequest) -> dict:
+        raise NotImplementedError
+
+    def chunk(self, response_id, created, model, index, chunk: TextChunk, parsed) -> dict:
+        raise NotImplementedError
+
+
+class CompletionShape(Shape):
+    id_prefix = "cmpl"
+    object_name = "text_completion"
+    chunk_object = "text_completion"
+
+    def choice(self, index: int, completion: Completion, parsed: ParsedRequest) -> dict:
+        return {
+            "index": index,
+            "text": completion.text,
+            "logprobs": self._logprobs(completion.logprobs, parsed),
+            "finish_reason": completion.finish_reason,
+        }
+
+    def chunk(self, response_id, created, model, index, chunk: TextChunk, parsed) -> dict:
+        choice = {
+            "index": index,
+            "text": chunk.text,
+            "logprobs": self._logprobs(chunk.logprobs, parsed),
+            "finish_reason": chunk.finish_reason,
+        }
+        return self.envelope(response_id, created, model, [choice])
+
+    def _logprobs(self, logprobs: list[TokenLogprob], parsed: ParsedRequest) -> dict | None:
+        if parsed.logprobs is None:
+            return None
+        tokens = [token_text(self.tokenizer, lp.token_id) for lp in logprobs]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [
+                {token_text(self.tokenizer, t): v for t, v in lp.top} for lp in logprobs
+            ],
+            "text_offset": [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))],
+        }
+
+
+class ChatShape(Shape):
+    id_prefix = "chatcmpl"
+    object_name = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+
+    def opening_chunks(self, response_id: str, created: int, model: str, index: int) -> list[dict]:
+        """A chat stream's first delta for each choice carries the role."""
+        choice = {
+            "index": index,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+        return [self.envelope(response_id, created, model, [choice])]
+
+    def choice(self, index: int, completion: Completion, parsed: ParsedRequest) -> dict:
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": completion.text},
+            "logprobs": self._logprobs(completion.logprobs, parsed),
+            "finish_reason": completion.finish_reason,
+        }
+
+    def chunk(self, response_id, created, model, index, chunk: TextChunk, parsed) -> dict:
+        delta = {"content": chunk.text} if chunk.text else {}
+        choice = {
+            "index": index,
+            "delta": delta,
+            "logprobs": self._logprobs(chunk.logprobs, parsed),
+            "finish_reason": chunk.finish_reason,
+        }
+        return self.envelope(response_id, created, model, [choice])
+
+    def _logprobs(self, logprobs: list[TokenLogprob], parsed: ParsedRequest) -> dict | None:
+        if parsed.logprobs is None:
+            return None
+
+        def entry(token_id: int, logprob: float) -> dict:
+            text = token_text(self.tokenizer, token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {
+            "content": [
+                {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                for lp in logprobs
+            ]
+        }
