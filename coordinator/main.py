@@ -54,7 +54,19 @@ class CoordinatorConfig:
             raise ValueError("max_waiting must be >= 0")
 
 
+def enable_request_log() -> None:
+    """One JSON line per request on stderr, whatever the general log level."""
+    request_log = logging.getLogger("disagg.requests")
+    if not request_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        request_log.addHandler(handler)
+    request_log.setLevel(logging.INFO)
+    request_log.propagate = False
+
+
 async def run(config: CoordinatorConfig) -> None:
+    enable_request_log()
     model = load_model_info(config.model)
     served_name = config.served_model_name or model.name
     registry = WorkerRegistry(config.heartbeat_interval_s, config.heartbeat_timeout_s)
