@@ -6,6 +6,9 @@ import argparse
 import sys
 
 from bench import engine_throughput, kv_transfer, ttft
+from bench.serving import calibrate as serving_calibrate
+from bench.serving import commands as serving
+from bench.serving import report as serving_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +23,18 @@ def build_parser() -> argparse.ArgumentParser:
     ttft_parser = commands.add_parser("ttft", help="one long request: disaggregated vs colocated")
     ttft.add_arguments(ttft_parser)
     ttft_parser.set_defaults(func=ttft.main)
+    run = commands.add_parser("run", help="drive OpenAI-compatible targets with one workload")
+    serving.add_run_arguments(run)
+    run.set_defaults(func=serving.run_main)
+    report = commands.add_parser("report", help="re-render a run's tables from requests.jsonl")
+    serving_report.add_report_arguments(report)
+    report.set_defaults(func=serving_report.report_main)
+    compare = commands.add_parser("compare", help="side-by-side tables of runs, with ratios")
+    serving_report.add_compare_arguments(compare)
+    compare.set_defaults(func=serving_report.compare_main)
+    calibrate = commands.add_parser("calibrate", help="the client's own ceiling, on loopback")
+    serving_calibrate.add_calibrate_arguments(calibrate)
+    calibrate.set_defaults(func=serving_calibrate.calibrate_main)
     return parser
 
 

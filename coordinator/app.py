@@ -33,10 +33,18 @@ def build_app(frontend: Frontend) -> Starlette:
         ]
         return JSONResponse({"ready": frontend.is_ready, "workers": workers})
 
+    async def health(request: Request) -> JSONResponse:
+        """The plain health check OpenAI bridges poll."""
+        ready = frontend.is_ready
+        return JSONResponse(
+            {"status": "ok" if ready else "unavailable"}, status_code=200 if ready else 503
+        )
+
     routes = [
         *openai_api.routes(frontend),
         *kserve_rest.routes(frontend),
         Route("/metrics", metrics),
+        Route("/health", health),
         Route("/cluster", cluster),
     ]
     return Starlette(routes=routes)

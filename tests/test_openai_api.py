@@ -47,6 +47,17 @@ def expected(default_fp32) -> dict[str, tuple[str, int]]:
     return out
 
 
+def test_the_seeds_bridge_request_works_as_written(serve):
+    """The OpenAI bridge seed's curl example: no model field, max_tokens 100."""
+    status, reply = post_json(
+        f"{serve.url}/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "Hello, how are you?"}], "max_tokens": 100},
+    )
+    assert status == 200 and reply["choices"][0]["message"]["content"]
+    with urllib.request.urlopen(f"{serve.url}/health", timeout=10) as response:
+        assert response.status == 200 and json.load(response)["status"] == "ok"
+
+
 def test_models(client):
     assert [m.id for m in client.models.list()] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL

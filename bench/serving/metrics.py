@@ -1,0 +1,184 @@
+"""Every number the benchmark reports, as pure functions of request records.
+
+Per request (all from the client's perf_counter_ns):
+- ttft_ms: first token-carrying chunk - actual send.
+- ttft_sched_ms: first token-carrying chunk - scheduled send (no coordinated omission).
+- tpot_ms: (last chunk - first chunk) / (output tokens - 1); None below 2 tokens.
+- itl: per token; a chunk carrying n tokens after a gap g gives n samples of g/n; the
+  extra tokens of the first chunk give zero gaps, so a request's mean ITL equals its TPOT.
+- first_decode_gap_ms: second chunk - first chunk (holds the KV transfer when disaggregated).
+- max_stall_ms: the longest gap between consecutive chunks.
+- e2e_ms: end of stream - actual send.
+- dispatch_lag_ms: actual send - when it could go (scheduled time, or a freed in-flight slot).
+When the server does not stream usage, chunks count 1 token each and their weights are
+rescaled so they sum to the final `usage.completion_tokens`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from bench.serving.record import ERROR_CLASSES, RequestRecord
+from bench.serving.slo import SLO
+from bench.serving.stats import summarize
+
+NS_PER_MS = 1e6
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    """Latencies of one request in milliseconds; None where the request has no such value."""
+
+    index: int
+    is_ok: bool
+    error: str | None
+    input_tokens: int
+    output_tokens: int
+    ttft_ms: float | None
+    ttft_sched_ms: float | None
+    tpot_ms: float | None
+    first_decode_gap_ms: float | None
+    max_stall_ms: float | None
+    e2e_ms: float
+    dispatch_lag_ms: float
+    itl_ms: tuple[float, ...]
+    itl_weights: tuple[float, ...]
+
+
+def token_weights(record: RequestRecord) -> list[float]:
+    """Tokens per chunk, rescaled to the server's final count when chunks were only counted."""
+    counted = sum(record.chunk_tokens)
+    total = record.completion_tokens
+    if record.is_usage_streamed or not total or not counted or total == counted:
+        return [float(n) for n in record.chunk_tokens]
+    return [n * total / counted for n in record.chunk_tokens]
+
+
+def inter_token_latencies(chunk_ns: list[int], weights: list[float]) -> tuple[list, list]:
+    """(gap per token in ms, weight) pairs; see the module docstring."""
+    if not chunk_ns:
+        return [], []
+    values, out_weights = [0.0], [max(weights[0] - 1.0, 0.0)]
+    for previous, now, n in zip(chunk_ns, chunk_ns[1:], weights[1:]):
+        values.append((now - previous) / NS_PER_MS / n)
+        out_weights.append(n)
+    return values, out_weights
+
+
+def request_metrics(record: RequestRecord) -> RequestMetrics:
+    chunks = record.chunk_ns
+    gaps_ms = [(b - a) / NS_PER_MS for a, b in zip(chunks, chunks[1:])]
+    output_tokens = record.num_output_tokens
+    itl, itl_weights = inter_token_latencies(chunks, token_weights(record))
+    has_tpot = record.is_ok and len(chunks) > 1 and output_tokens > 1
+    return RequestMetrics(
+        index=record.index,
+        is_ok=record.is_ok,
+        error=record.error,
+        input_tokens=record.prompt_tokens if record.prompt_tokens is not None else record.input_len,
+        output_tokens=output_tokens,
+        ttft_ms=(chunks[0] - record.sent_ns) / NS_PER_MS if chunks else None,
+        ttft_sched_ms=(chunks[0] - record.scheduled_ns) / NS_PER_MS if chunks else None,
+        tpot_ms=(chunks[-1] - chunks[0]) / NS_PER_MS / (output_tokens - 1) if has_tpot else None,
+        first_decode_gap_ms=gaps_ms[0] if gaps_ms else None,
+        max_stall_ms=max(gaps_ms) if gaps_ms else None,
+        e2e_ms=(record.end_ns - record.sent_ns) / NS_PER_MS,
+        dispatch_lag_ms=(record.sent_ns - max(record.slot_ns, record.scheduled_ns)) / NS_PER_MS,
+        itl_ms=tuple(itl),
+        itl_weights=tuple(itl_weights),
+    )
+
+
+def measured(records: list[RequestRecord]) -> list[RequestRecord]:
+    """The records that count: warm-up requests are left out of every metric."""
+    return [r for r in records if not r.is_warmup]
+
+
+def rate_rps(times_ns: list[int]) -> float | None:
+    """Events per second over the span they cover: (n - 1) / (last - first)."""
+    if len(times_ns) < 2 or max(times_ns) == min(times_ns):
+        return None
+    return (len(times_ns) - 1) / ((max(times_ns) - min(times_ns)) / 1e9)
+
+
+def duration_s(records: list[RequestRecord]) -> float:
+    """From the first scheduled send to the last end."""
+    if not records:
+        return 0.0
+    return (max(r.end_ns for r in records) - min(r.scheduled_ns for r in records)) / 1e9
+
+
+def latency_summaries(per_request: list[RequestMetrics]) -> dict:
+    """Distributions over successful requests; ITL is per token across all of them."""
+    ok = [m for m in per_request if m.is_ok]
+
+    def of(name: str) -> dict:
+        return summarize([v for m in ok if (v := getattr(m, name)) is not None])
+
+    return {
+        "ttft_ms": of("ttft_ms"),
+        "ttft_sched_ms": of("ttft_sched_ms"),
+        "tpot_ms": of("tpot_ms"),
+        "itl_ms": summarize(
+            [v for m in ok for v in m.itl_ms], [w for m in ok for w in m.itl_weights]
+        ),
+        "first_decode_gap_ms": of("first_decode_gap_ms"),
+        "max_stall_ms": of("max_stall_ms"),
+        "e2e_ms": of("e2e_ms"),
+        "dispatch_lag_ms": summarize([m.dispatch_lag_ms for m in per_request]),
+    }
+
+
+def throughput(records: list[RequestRecord], per_request: list[RequestMetrics], slo: SLO) -> dict:
+    """Rates over the run's duration; goodput counts only requests meeting the SLO."""
+    seconds = duration_s(records) or float("nan")
+    ok = [m for m in per_request if m.is_ok]
+    good = [m for m in per_request if slo.is_met(m)]
+    return {
+        "duration_s": duration_s(records),
+        "offered_rate_rps": rate_rps([r.scheduled_ns for r in records]),
+        "send_rate_rps": rate_rps([r.sent_ns for r in records]),
+        "request_throughput_rps": len(ok) / seconds,
+        "input_tokens_per_s": sum(m.input_tokens for m in ok) / seconds,
+        "output_tokens_per_s": sum(m.output_tokens for m in ok) / seconds,
+        "goodput_rps": len(good) / seconds,
+        "goodput_tokens_per_s": sum(m.output_tokens for m in good) / seconds,
+        "slo": slo.text,
+        "slo_attainment": len(good) / len(per_request) if per_request else None,
+    }
+
+
+def token_checks(records: list[RequestRecord]) -> dict:
+    """Counts that reveal drifting token counts between workload, client and server."""
+    ok = [r for r in records if r.is_ok]
+    return {
+        "prompt_token_mismatches": sum(
+            r.prompt_tokens is not None and r.prompt_tokens != r.input_len for r in ok
+        ),
+        "output_token_mismatches": sum(r.num_output_tokens != r.output_len for r in ok),
+        "chunk_count_corrections": sum(
+            not r.is_usage_streamed
+            and r.completion_tokens is not None
+            and r.completion_tokens != sum(r.chunk_tokens)
+            for r in ok
+        ),
+        "missing_usage": sum(r.completion_tokens is None for r in ok),
+    }
+
+
+def summarize_run(records: list[RequestRecord], slo: SLO) -> dict:
+    """The whole summary of one target's run, from its records alone."""
+    counted = measured(records)
+    per_request = [request_metrics(r) for r in counted]
+    errors = Counter(r.error for r in counted if r.error is not None)
+    return {
+        "num_requests": len(counted),
+        "num_warmup": len(records) - len(counted),
+        "num_ok": sum(r.is_ok for r in counted),
+        "num_errors": sum(errors.values()),
+        "errors": {name: errors.get(name, 0) for name in ERROR_CLASSES},
+        **throughput(counted, per_request, slo),
+        **latency_summaries(per_request),
+        **token_checks(counted),
+    }

@@ -1,0 +1,212 @@
+"""One benchmark run: the same workload and schedule against each target, one after another.
+
+Everything that costs CPU (tokenizing, building bodies, drawing the schedule)
+happens before a target's clock starts. Targets run sequentially so they never
+compete for the client or the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import httpx
+
+from bench.serving.client import APIS, RequestOptions, request_body, send
+from bench.serving.environment import environment
+from bench.serving.metrics import summarize_run
+from bench.serving.progress import show_progress
+from bench.serving.record import RequestRecord, write_records
+from bench.serving.schedule import Schedule
+from bench.serving.slo import SLO
+from bench.serving.workload import WorkloadRequest, write_workload
+
+MAX_DISPATCH_LAG_P99_MS = 5.0
+MAX_CLIENT_CPU_PERCENT = 80.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """A server to drive: a short name for tables and directories, and its base URL."""
+
+    name: str
+    url: str
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"target name {self.name!r} must be a plain directory name")
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"target {self.name!r} needs an http(s) URL, got {self.url!r}")
+
+
+def parse_target(text: str) -> Target:
+    """`NAME=URL`; the URL's trailing `/` and `/v1` are dropped."""
+    name, sep, url = text.partition("=")
+    if not sep:
+        raise ValueError(f"bad target {text!r}: use NAME=URL, e.g. ours=http://127.0.0.1:8000")
+    url = url.rstrip("/")
+    return Target(name.strip(), url.removesuffix("/v1"))
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything fixed before the clock starts."""
+
+    workload: tuple[WorkloadRequest, ...]
+    schedule: Schedule
+    options: RequestOptions
+    num_warmup: int = 0
+    """The first num_warmup requests are sent but excluded from metrics."""
+    slo: SLO = field(default_factory=SLO)
+
+
+@dataclass
+class TargetResult:
+    target: Target
+    records: list[RequestRecord]
+    summary: dict
+    client_cpu_percent: float
+    warnings: list[str]
+
+
+def discover_model(url: str, timeout_s: float = 10.0) -> str | None:
+    """The first model the target lists under /v1/models, or None."""
+    try:
+        response = httpx.get(f"{url}/v1/models", timeout=timeout_s)
+        return response.json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+async def _open_loop(plan, url, bodies, records, client, start_ns, inflight) -> None:
+    tasks = []
+    for record, body, offset_s in zip(records, bodies, plan.schedule.offsets_s):
+        record.scheduled_ns = record.slot_ns = int(offset_s * 1e9)
+        delay_s = (start_ns + record.scheduled_ns - time.perf_counter_ns()) / 1e9
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
+        if inflight is not None:
+            was_full = inflight.locked()
+            await inflight.acquire()
+            if was_full:  # NOTE: keeps its scheduled time; only the lag is measured from here
+                record.slot_ns = time.perf_counter_ns() - start_ns
+        tasks.append(
+            asyncio.create_task(_send(plan, url, body, record, client, start_ns, inflight))
+        )
+    await asyncio.gather(*tasks)
+
+
+async def _closed_loop(plan, url, bodies, records, client, start_ns, inflight) -> None:
+    pending = iter(zip(records, bodies))
+
+    async def user() -> None:
+        for record, body in pending:
+            record.scheduled_ns = record.slot_ns = time.perf_counter_ns() - start_ns
+            if inflight is not None:
+                await inflight.acquire()
+            await _send(plan, url, body, record, client, start_ns, inflight)
+
+    await asyncio.gather(*(user() for _ in range(plan.schedule.concurrency or 1)))
+
+
+async def _send(plan, url, body, record, client, start_ns, inflight) -> None:
+    try:
+        await send(client, url, body, record, start_ns, plan.options.timeout_s)
+    finally:
+        if inflight is not None:
+            inflight.release()
+
+
+async def drive(
+    plan: RunPlan, url: str, bodies: list[bytes], is_progress_shown: bool = False
+) -> list[RequestRecord]:
+    """Send the whole workload to `url` on the plan's schedule; one record per request."""
+    records = [
+        RequestRecord(r.index, r.input_len, r.output_len, is_warmup=r.index < plan.num_warmup)
+        for r in plan.workload
+    ]
+    cap = plan.schedule.max_inflight
+    inflight = asyncio.Semaphore(cap) if cap else None
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    endpoint = url + APIS[plan.options.api]
+    async with httpx.AsyncClient(timeout=plan.options.timeout_s, limits=limits) as client:
+        loop = _open_loop if plan.schedule.offsets_s is not None else _closed_loop
+        start_ns = time.perf_counter_ns()
+        progress = (
+            asyncio.create_task(show_progress(records, start_ns)) if is_progress_shown else None
+        )
+        try:
+            await loop(plan, endpoint, bodies, records, client, start_ns, inflight)
+        finally:
+            if progress is not None:
+                progress.cancel()
+                await asyncio.gather(progress, return_exceptions=True)
+    return records
+
+
+def run_warnings(summary: dict, client_cpu_percent: float) -> list[str]:
+    """What makes this run's numbers suspect, in words."""
+    warnings = []
+    lag_p99 = summary["dispatch_lag_ms"]["p99"]
+    if lag_p99 is not None and lag_p99 > MAX_DISPATCH_LAG_P99_MS:
+        warnings.append(f"client dispatch lag p99 {lag_p99:.1f} ms > 5 ms: client-bound?")
+    if client_cpu_percent > MAX_CLIENT_CPU_PERCENT:
+        warnings.append(f"client CPU {client_cpu_percent:.0f}% > 80%: client-bound?")
+    if summary["num_errors"]:
+        warnings.append(f"{summary['num_errors']} requests failed: {summary['errors']}")
+    for key in ("prompt_token_mismatches", "output_token_mismatches", "missing_usage"):
+        if summary[key]:
+            warnings.append(f"{summary[key]} successful requests with {key.replace('_', ' ')}")
+    return warnings
+
+
+def run_target(plan: RunPlan, target: Target, is_progress_shown: bool = False) -> TargetResult:
+    model = plan.options.model or discover_model(target.url) or "default"
+    options = replace(plan.options, model=model)
+    bodies = [request_body(r, options) for r in plan.workload]
+    wall_start, cpu_start = time.perf_counter(), time.process_time()
+    records = asyncio.run(drive(plan, target.url, bodies, is_progress_shown))
+    cpu_percent = 100 * (time.process_time() - cpu_start) / (time.perf_counter() - wall_start)
+    summary = summarize_run(records, plan.slo)
+    return TargetResult(target, records, summary, cpu_percent, run_warnings(summary, cpu_percent))
+
+
+def write_result(out_dir: Path, result: TargetResult, config: dict) -> Path:
+    """`<out_dir>/<target>/requests.jsonl` and `run.json`; returns the target directory."""
+    target_dir = out_dir / result.target.name
+    target_dir.mkdir(parents=True, exist_ok=True)
+    write_records(target_dir / "requests.jsonl", result.records)
+    run = {
+        "target": result.target.__dict__,
+        "config": config,
+        "environment": environment(),
+        "client_cpu_percent": result.client_cpu_percent,
+        "summary": result.summary,
+        "warnings": result.warnings,
+    }
+    (target_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    return target_dir
+
+
+def run_all(
+    plan: RunPlan,
+    targets: list[Target],
+    out_dir: Path,
+    config: dict,
+    on_result: Callable[[TargetResult], None] = lambda result: None,
+    is_progress_shown: bool = False,
+) -> list[TargetResult]:
+    """Write the workload, then run and write each target in turn."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_workload(out_dir / "workload.jsonl", list(plan.workload))
+    results = []
+    for target in targets:
+        result = run_target(plan, target, is_progress_shown)
+        write_result(out_dir, result, config)
+        on_result(result)
+        results.append(result)
+    return results

@@ -1,0 +1,95 @@
+"""From raw stream reads to token arrivals, after the request is over.
+
+The client's hot path only appends (timestamp, bytes) per network read; this
+module splits the bytes into SSE events afterwards and gives each event the
+time of the read that completed it, which is when the client could first have
+seen it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ParsedStream:
+    """Token arrivals and final counts of one streamed response."""
+
+    chunk_ns: list[int] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    is_usage_streamed: bool = False
+    is_done: bool = False
+    """Whether `data: [DONE]` arrived."""
+    error: str | None = None
+    """Why the stream is malformed or carried an error object, None if it is fine."""
+
+
+def split_events(read_ns: list[int], reads: list[bytes]) -> list[tuple[int, bytes]]:
+    """(time of the read that completed it, payload) for every `data:` event."""
+    events: list[tuple[int, bytes]] = []
+    buffer = b""
+    for t_ns, data in zip(read_ns, reads):
+        buffer += data.replace(b"\r\n", b"\n")
+        *complete, buffer = buffer.split(b"\n\n")
+        events.extend((t_ns, payload) for block in complete if (payload := _data(block)))
+    if buffer.strip() and (payload := _data(buffer)) and read_ns:
+        events.append((read_ns[-1], payload))
+    return events
+
+
+def _data(block: bytes) -> bytes:
+    """The `data:` lines of one SSE event, joined; comments and other fields dropped."""
+    lines = [line[5:].lstrip(b" ") for line in block.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines)
+
+
+def chunk_text(chunk: dict) -> str:
+    """Generated text in a completions or chat chunk ('' for role-only or usage-only chunks)."""
+    text = ""
+    for choice in chunk.get("choices") or []:
+        text += choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+    return text
+
+
+def parse_stream(read_ns: list[int], reads: list[bytes]) -> ParsedStream:
+    parsed = ParsedStream()
+    for t_ns, payload in split_events(read_ns, reads):
+        if payload.strip() == b"[DONE]":
+            parsed.is_done = True
+            continue
+        try:
+            chunk = json.loads(payload)
+        except ValueError:
+            parsed.error = f"not JSON: {payload[:80]!r}"
+            return parsed
+        if not isinstance(chunk, dict) or "error" in chunk:
+            parsed.error = f"error in stream: {str(chunk)[:200]}"
+            return parsed
+        _add_chunk(parsed, t_ns, chunk)
+    if not parsed.is_done:
+        parsed.error = "stream ended without [DONE]"
+    return parsed
+
+
+def _add_chunk(parsed: ParsedStream, t_ns: int, chunk: dict) -> None:
+    """Count a chunk's tokens: its usage delta where usage is streamed, else 1 if it has text."""
+    usage = chunk.get("usage") or {}
+    has_text = bool(chunk_text(chunk))
+    if usage:
+        parsed.prompt_tokens = usage.get("prompt_tokens", parsed.prompt_tokens)
+        completion = usage.get("completion_tokens")
+        if completion is not None and chunk.get("choices"):
+            delta = completion - (parsed.completion_tokens or 0)
+            parsed.is_usage_streamed = True
+            parsed.completion_tokens = completion
+            if delta > 0:
+                parsed.chunk_ns.append(t_ns)
+                parsed.chunk_tokens.append(delta)
+            return
+        parsed.completion_tokens = completion
+    if has_text:
+        parsed.chunk_ns.append(t_ns)
+        parsed.chunk_tokens.append(1)
