@@ -10,6 +10,7 @@ flight. A colocated worker prefills its own handles.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -90,6 +91,7 @@ class Dispatcher:
         self.registry = registry
         self.admission = admission
         self.config = config
+        self._cleanups: set[asyncio.Task] = set()
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, trace: RequestTrace
@@ -111,7 +113,7 @@ class Dispatcher:
                 finished = update.finish_reason is not None
         finally:
             if not finished:
-                await self._free(decode, handle.handle_id, "cancelled")
+                self._release_soon(decode, handle.handle_id, "cancelled")
             self.admission.notify()
 
     async def _allocate(
@@ -233,6 +235,18 @@ class Dispatcher:
             ) from error
         finally:
             stream.cancel()
+
+    def _release_soon(self, decode: WorkerRecord, handle_id: str, reason: str) -> None:
+        """Free the handle from a task of its own.
+
+        NOTE: cleanup often runs while the caller is being cancelled (a client that
+        left), and a web framework's cancel scope cancels every await inside it
+        again; an awaited Free would never be sent. A separate task is not in
+        that scope, so the Free always goes out.
+        """
+        task = asyncio.ensure_future(self._free(decode, handle_id, reason))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     async def _free(self, decode: WorkerRecord, handle_id: str, reason: str) -> None:
         try:

@@ -110,11 +110,11 @@ class Generator:
             raise
         finally:
             self.num_running -= 1
-            await tokens.aclose()  # a stop string or a gone client frees the KV now
             e2e_s = time.time() - trace.arrival_s
             self.metrics.record(
                 trace, request.tenant, status, len(request.prompt_ids), count, e2e_s
             )
+            await tokens.aclose()  # a stop string or a gone client frees the KV now
 
     async def complete(self, request: GenerationRequest) -> Completion:
         trace = RequestTrace(request.request_id)

@@ -159,7 +159,8 @@ class HandleTable:
             problem = self._layer_problem(handle, header)
             if problem is not None:
                 self.num_dropped_frames += 1
-                log.warning("dropped KV frame for handle %s: %s", header.handle_id, problem)
+                # NOTE: debug, not warning: a cancelled request's in-flight frames land here
+                log.debug("dropped KV frame for handle %s: %s", header.handle_id, problem)
                 return
             self.kv_cache.write_range(header.layer, handle.block_ids, header.start, k, v)
             handle.state = HandleState.RECEIVING

@@ -203,6 +203,29 @@ def test_client_disconnect_frees_kv_within_a_second(serve):
     serve.wait_all_blocks_free(timeout_s=2.5)  # a heartbeat (1 s) after the worker freed it
 
 
+def test_disconnect_during_prefill_frees_the_handle_promptly(serve):
+    """Before the first token only Free can release the decode worker's handle; the
+    prefill worker drops the sequence when its current forward step ends."""
+    long_prompt = " ".join(["word"] * 1500)
+    body = json.dumps({"prompt": long_prompt, "max_tokens": 50, "stream": True}).encode()
+    request = urllib.request.Request(
+        f"{serve.url}/v1/completions", body, {"Content-Type": "application/json"}
+    )
+    response = urllib.request.urlopen(request, timeout=60)
+
+    def decode_blocks_in_use() -> bool:
+        return any(
+            w["free_kv_blocks"] < w["total_kv_blocks"]
+            for w in serve.cluster()["workers"]
+            if w["role"] == "decode"
+        )
+
+    wait_until(decode_blocks_in_use, 10, "the handle to be allocated")
+    response.close()
+    wait_until(lambda: not decode_blocks_in_use(), 2.5, "the decode worker to free the handle")
+    serve.wait_all_blocks_free(timeout_s=30)
+
+
 def test_metrics_count_requests_tokens_and_tenants(serve, client):
     def scrape() -> str:
         with urllib.request.urlopen(f"{serve.url}/metrics", timeout=10) as response:
