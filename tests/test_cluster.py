@@ -74,11 +74,13 @@ def test_sixteen_concurrent_requests_across_two_by_two_workers(cluster, expected
 
 def test_streamed_pieces_concatenate_to_the_full_text(cluster, expected):
     prompt = PROMPTS[1]
-    chunks = list(stream_chunks(cluster, prompt, max_tokens=NEW_TOKENS, temperature=0))
+    options = {"stream_options": {"include_usage": True}}
+    chunks = list(stream_chunks(cluster, prompt, max_tokens=NEW_TOKENS, temperature=0, **options))
     assert chunks[-1] == "[DONE]"
-    text = "".join(json.loads(c)["choices"][0]["text"] for c in chunks[:-1])
+    bodies = [json.loads(c) for c in chunks[:-1]]
+    text = "".join(b["choices"][0]["text"] for b in bodies if b["choices"])
     assert text == expected[prompt]
-    assert json.loads(chunks[-2])["usage"]["completion_tokens"] == NEW_TOKENS
+    assert bodies[-1]["choices"] == [] and bodies[-1]["usage"]["completion_tokens"] == NEW_TOKENS
 
 
 def test_stop_string_is_cut_and_frees_the_request(cluster, expected):

@@ -288,3 +288,22 @@ def test_concurrent_streams_from_threads_all_finish(client, expected):
     for thread in threads:
         thread.join(timeout=120)
     assert texts == [expected["completion"][0]] * 6
+
+
+def test_greedy_text_is_the_same_over_openai_kserve_rest_and_kserve_grpc(serve, client):
+    import numpy as np
+    import tritonclient.grpc as triton_grpc
+    import tritonclient.http as triton_http
+
+    params = {"max_tokens": NEW_TOKENS, "temperature": 0}
+    openai_text = client.completions.create(model=MODEL, prompt=PROMPT, **params).choices[0].text
+    texts = {}
+    for name, module, url in (
+        ("rest", triton_http, f"127.0.0.1:{serve.http_port}"),
+        ("grpc", triton_grpc, f"127.0.0.1:{serve.grpc_port}"),
+    ):
+        text_input = module.InferInput("text_input", [1], "BYTES")
+        text_input.set_data_from_numpy(np.array([PROMPT.encode()], dtype=object))
+        result = module.InferenceServerClient(url).infer(MODEL, [text_input], parameters=params)
+        texts[name] = result.as_numpy("text_output")[0].decode()
+    assert texts == {"rest": openai_text, "grpc": openai_text}
