@@ -9,6 +9,8 @@ from bench import engine_throughput, kv_transfer, ttft
 from bench.serving import calibrate as serving_calibrate
 from bench.serving import commands as serving
 from bench.serving import report as serving_report
+from bench.serving import search_command as serving_search
+from bench.serving import sweep as serving_sweep
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="drive OpenAI-compatible targets with one workload")
     serving.add_run_arguments(run)
     run.set_defaults(func=serving.run_main)
+    sweep = commands.add_parser("sweep", help="one run per rate or concurrency, curves out")
+    serving_sweep.add_sweep_arguments(sweep)
+    sweep.set_defaults(func=serving_sweep.sweep_main)
+    search = commands.add_parser("search", help="highest request rate meeting an SLO (goodput)")
+    serving_search.add_search_arguments(search)
+    search.set_defaults(func=serving_search.search_main)
     report = commands.add_parser("report", help="re-render a run's tables from requests.jsonl")
     serving_report.add_report_arguments(report)
     report.set_defaults(func=serving_report.report_main)

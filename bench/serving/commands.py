@@ -5,16 +5,27 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from bench.serving.client import APIS, RequestOptions
+from bench.serving.datasets import (
+    LengthFilter,
+    SharedPrefixConfig,
+    build_shared_prefix,
+    load_sharegpt,
+    load_trace,
+)
 from bench.serving.lengths import parse_length
+from bench.serving.report import run_plots
 from bench.serving.runner import RunPlan, TargetResult, parse_target, run_all
-from bench.serving.schedule import build_schedule, parse_load
+from bench.serving.schedule import LoadSpec, Schedule, build_schedule, parse_load
 from bench.serving.slo import parse_slo
 from bench.serving.table import render
-from bench.serving.workload import SyntheticConfig, build_synthetic
+from bench.serving.workload import SyntheticConfig, WorkloadRequest, build_synthetic
+
+WORKLOADS = ("synthetic", "sharegpt", "shared-prefix", "trace")
 
 
 @functools.lru_cache(maxsize=4)
@@ -27,12 +38,18 @@ def load_tokenizer(model: str) -> Any:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", action="append", required=True, help="NAME=URL, repeatable")
-    parser.add_argument("--workload", default="synthetic", choices=["synthetic"])
-    parser.add_argument("--input-len", default="fixed:128", help="fixed:L, uniform:lo:hi, ...")
+    parser.add_argument("--workload", default="synthetic", choices=WORKLOADS)
+    parser.add_argument("--dataset", type=Path, default=None, help="sharegpt JSON or trace JSONL")
+    parser.add_argument(
+        "--input-len",
+        default="fixed:128",
+        help="fixed:L, uniform:lo:hi, ... (shared-prefix: suffix)",
+    )
     parser.add_argument("--output-len", default="fixed:64", help="same forms as --input-len")
     parser.add_argument(
         "--load", default="poisson:1", help="poisson:R[,burst=k], constant:R, closed:C"
     )
+    add_dataset_arguments(parser)
     parser.add_argument("--max-inflight", type=int, default=None, help="cap on requests in flight")
     parser.add_argument("--num-requests", type=int, default=100, help="measured requests")
     parser.add_argument(
@@ -55,6 +72,55 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True, help="run directory")
 
 
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the non-synthetic workloads."""
+    for bound in ("min", "max"):
+        for what in ("input", "output"):
+            parser.add_argument(
+                f"--{bound}-{what}-len",
+                type=int,
+                default=None,
+                help=f"sharegpt: {bound} {what} tokens",
+            )
+    parser.add_argument("--prefix-groups", type=int, default=4, help="shared-prefix: G groups")
+    parser.add_argument("--prompts-per-group", type=int, default=8, help="shared-prefix: P prompts")
+    parser.add_argument("--prefix-len", type=int, default=256, help="shared-prefix: prefix tokens")
+    parser.add_argument("--time-scale", type=float, default=1.0, help="trace: send at t * scale")
+
+
+def length_filter(args: argparse.Namespace) -> LengthFilter:
+    defaults = LengthFilter()
+    return LengthFilter(
+        args.min_input_len or defaults.min_input,
+        args.max_input_len or defaults.max_input,
+        args.min_output_len or defaults.min_output,
+        args.max_output_len or defaults.max_output,
+    )
+
+
+def build_workload(
+    args: argparse.Namespace, num_requests: int
+) -> tuple[list[WorkloadRequest], tuple[float, ...] | None]:
+    """The workload, and the trace's send offsets when it is a trace (else None)."""
+    tokenizer = load_tokenizer(args.tokenizer)
+    if args.workload in ("sharegpt", "trace") and args.dataset is None:
+        raise ValueError(f"--workload {args.workload} needs --dataset PATH")
+    if args.workload == "sharegpt":
+        return load_sharegpt(
+            args.dataset, tokenizer, num_requests, args.seed, length_filter(args)
+        ), None
+    if args.workload == "trace":
+        return load_trace(args.dataset, tokenizer, num_requests, args.seed, args.time_scale)
+    input_len, output_len = parse_length(args.input_len), parse_length(args.output_len)
+    if args.workload == "shared-prefix":
+        config = SharedPrefixConfig(
+            args.prefix_groups, args.prompts_per_group, args.prefix_len, input_len, output_len
+        )
+        return build_shared_prefix(config, tokenizer, num_requests, args.seed), None
+    config = SyntheticConfig(input_len, output_len, num_requests, args.seed)
+    return build_synthetic(config, tokenizer), None
+
+
 def build_plan(args: argparse.Namespace) -> tuple[RunPlan, list]:
     """Parse every spec first, so a typo fails before the tokenizer loads."""
     targets = [parse_target(t) for t in args.target]
@@ -62,18 +128,31 @@ def build_plan(args: argparse.Namespace) -> tuple[RunPlan, list]:
         raise ValueError("target names must be distinct")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    workload_config = SyntheticConfig(
-        parse_length(args.input_len),
-        parse_length(args.output_len),
-        args.num_requests + args.warmup,
-        args.seed,
-    )
+    num_requests = args.num_requests + args.warmup
+    if num_requests < 1:
+        raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
+    parse_length(args.input_len), parse_length(args.output_len)  # fail before the tokenizer loads
     load = parse_load(args.load)
     slo = parse_slo(args.slo)
     options = RequestOptions(args.model, args.api, args.ignore_eos, args.temperature, args.timeout)
-    schedule = build_schedule(load, workload_config.num_requests, args.seed, args.max_inflight)
-    workload = build_synthetic(workload_config, load_tokenizer(args.tokenizer))
+    schedule = build_schedule(load, num_requests, args.seed, args.max_inflight)
+    workload, trace_offsets_s = build_workload(args, num_requests)
+    if trace_offsets_s is not None:
+        schedule = Schedule(trace_offsets_s, None, args.max_inflight)
     return RunPlan(tuple(workload), schedule, options, args.warmup, slo), targets
+
+
+def with_load(plan: RunPlan, load: LoadSpec, args: argparse.Namespace) -> RunPlan:
+    """The same workload on another load: sweep points and search probes differ only here."""
+    schedule = build_schedule(load, len(plan.workload), args.seed, args.max_inflight)
+    return replace(plan, schedule=schedule)
+
+
+def run_config(args: argparse.Namespace, **overrides: Any) -> dict:
+    """The CLI arguments as JSON-able config for run.json, with per-point overrides."""
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    config.pop("func", None)
+    return {**config, **overrides}
 
 
 def print_result(result: TargetResult) -> None:
@@ -93,9 +172,8 @@ def run_main(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"disagg-bench run: error: {error}", file=sys.stderr)
         return 2
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    config.pop("func", None)
-    results = run_all(plan, targets, args.output, config, print_result, args.progress)
+    results = run_all(plan, targets, args.output, run_config(args), print_result, args.progress)
     print(render([(r.target.name, r.summary) for r in results]))
-    print(f"\nwrote {args.output}", file=sys.stderr)
+    run_plots(args.output, args.slo)
+    print(f"\nwrote {args.output} (tables, requests, plots)", file=sys.stderr)
     return 0

@@ -14,6 +14,9 @@ comma-separated list of flags:
   nodone    end the stream without [DONE]
   errevent  an error object mid-stream
   hang      never send anything
+  serialN   one request at a time holds a server-wide lock for N ms before its
+            first token (a single prefill engine), so TTFT grows with load and a
+            rate search finds a real knee near 1000/N requests/s
 """
 
 from __future__ import annotations
@@ -76,12 +79,17 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-async def _events(config: LoopbackConfig, api: str, body: dict, flags: dict) -> AsyncIterator[str]:
+async def _events(
+    config: LoopbackConfig, api: str, body: dict, flags: dict, prefill: asyncio.Lock
+) -> AsyncIterator[str]:
     prompt = body.get("prompt") or body["messages"][-1]["content"]
     usage = {"prompt_tokens": config.prompt_counter(prompt), "completion_tokens": 0}
     per_chunk, num_tokens = flags.get("chunk", 1), int(body.get("max_tokens", 16))
     if api == "chat":
         yield _sse({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+    if "serial" in flags:
+        async with prefill:
+            await asyncio.sleep(flags["serial"] / 1000)
     await asyncio.sleep(config.first_token_delay_s)
     if "badjson" in flags:
         yield "data: {not json\n\n"
@@ -101,6 +109,8 @@ async def _events(config: LoopbackConfig, api: str, body: dict, flags: dict) -> 
 
 
 def build_app(config: LoopbackConfig) -> Starlette:
+    prefill = asyncio.Lock()
+
     async def generate(request: Request) -> Response:
         flags = _flags(request.path_params["mode"])
         body = json.loads(await request.body())
@@ -108,7 +118,7 @@ def build_app(config: LoopbackConfig) -> Starlette:
             return JSONResponse({"error": {"message": "injected"}}, status_code=flags["e"])
         if "hang" in flags:
             await asyncio.Event().wait()
-        events = _events(config, request.path_params["api"], body, flags)
+        events = _events(config, request.path_params["api"], body, flags, prefill)
         return StreamingResponse(events, media_type="text/event-stream")
 
     async def models(request: Request) -> Response:

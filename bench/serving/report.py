@@ -1,4 +1,4 @@
-"""`report` and `compare`: tables recomputed from `requests.jsonl` alone.
+"""`report` and `compare`: tables and plots recomputed from `requests.jsonl` alone.
 
 Nothing is read from a run's stored summary, so a changed metric definition
 applies to old runs too. The SLO comes from `--slo`, else from the run's run.json.
@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+from bench.serving import plots
+from bench.serving.curve import CurvePoint, render_curve
 from bench.serving.metrics import summarize_run
 from bench.serving.record import read_records
 from bench.serving.slo import parse_slo
@@ -52,13 +55,19 @@ def labels(dirs: list[Path]) -> list[str]:
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", type=Path, help="a run directory, or one target's directory")
+    parser.add_argument("dir", type=Path, help="a run, sweep or search directory, or a target's")
     parser.add_argument("--slo", default=None, help="override the run's SLO")
 
 
 def report_main(args: argparse.Namespace) -> int:
-    dirs = target_dirs(args.dir)
-    print(render([(n, recompute(d, args.slo)) for n, d in zip(labels(dirs), dirs)]))
+    """Tables and plots again: curves for a sweep or search directory, else one run's."""
+    if is_curve_dir(args.dir):
+        report_curves(args.dir, args.slo)
+    else:
+        dirs = target_dirs(args.dir)
+        print(render([(n, recompute(d, args.slo)) for n, d in zip(labels(dirs), dirs)]))
+        run_plots(args.dir, args.slo)
+    print(f"\nplots in {args.dir}", file=sys.stderr)
     return 0
 
 
@@ -71,3 +80,56 @@ def compare_main(args: argparse.Namespace) -> int:
     dirs = [d for path in args.dirs for d in target_dirs(path)]
     print(render([(n, recompute(d, args.slo)) for n, d in zip(labels(dirs), dirs)]))
     return 0
+
+
+def run_plots(run_dir: Path, slo_text: str | None = None) -> list[Path]:
+    """CDF and ITL-by-position plots of a run directory, from its requests.jsonl files."""
+    dirs = target_dirs(run_dir)
+    runs = [(n, read_records(d / "requests.jsonl")) for n, d in zip(labels(dirs), dirs)]
+    slo = parse_slo(slo_text if slo_text is not None else stored_slo(dirs[0]))
+    return [*plots.plot_cdfs(run_dir, runs, slo), plots.plot_itl_by_position(run_dir, runs)]
+
+
+def curve_plots(out_dir: Path, points: list[CurvePoint], attainment: float, max_rates) -> list:
+    """Throughput, latency and attainment against the swept value."""
+    is_closed = all(p.load.startswith("closed") for p in points)
+    x_label = "concurrent users" if is_closed else "request rate (req/s)"
+    made = plots.plot_curves(out_dir, points, x_label)
+    if not is_closed:
+        made.append(plots.plot_attainment(out_dir, points, attainment, max_rates))
+    return made
+
+
+def recompute_curve(out_dir: Path, stored: list[dict], slo_text: str | None) -> list[CurvePoint]:
+    """The stored points with summaries recomputed from each point's requests.jsonl."""
+    return [
+        CurvePoint(
+            p["load"],
+            p["x"],
+            p["target"],
+            recompute(out_dir / p["run_dir"], slo_text),
+            p["run_dir"],
+        )
+        for p in stored
+    ]
+
+
+def report_curves(out_dir: Path, slo_text: str | None) -> None:
+    """`report` on a sweep or search directory: the curve table and plots again."""
+    if (out_dir / "sweep.json").exists():
+        sweep = json.loads((out_dir / "sweep.json").read_text())
+        points = recompute_curve(out_dir, sweep["points"], slo_text)
+        attainment = sweep["config"].get("attainment", 0.9)
+        max_rates = plots.max_attaining_rates(points, attainment)
+    else:
+        search = json.loads((out_dir / "search.json").read_text())
+        stored = [p for answer in search["targets"].values() for p in answer["probes"]]
+        points = recompute_curve(out_dir, stored, slo_text)
+        attainment = search["config"]["attainment"]
+        max_rates = {name: a["max_rate_rps"] for name, a in search["targets"].items()}
+    print(render_curve(points))
+    curve_plots(out_dir, points, attainment, max_rates)
+
+
+def is_curve_dir(path: Path) -> bool:
+    return (path / "sweep.json").exists() or (path / "search.json").exists()
