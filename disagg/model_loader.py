@@ -88,7 +88,9 @@ def convert_gguf(gguf_path: Path) -> Path:
     if (target / "config.json").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     log.warning("converting %s to safetensors under %s (once)", gguf_path, target)
     kwargs = {"gguf_file": gguf_path.name, "dtype": torch.float32}
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
