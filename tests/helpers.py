@@ -81,3 +81,9 @@ def random_prompts(num: int, lengths: list[int], seed: int = 0) -> list[list[int
         torch.randint(2, TINY_VOCAB, (lengths[i % len(lengths)],), generator=gen).tolist()
         for i in range(num)
     ]
+
+
+def reference_text(loaded: LoadedModel, prompt_ids: list[int], max_new_tokens: int) -> str:
+    """transformers' greedy continuation as the text a server returns (special tokens dropped)."""
+    tokens = reference_tokens(loaded.model, prompt_ids, max_new_tokens)
+    return loaded.tokenizer.decode(tokens, skip_special_tokens=True)

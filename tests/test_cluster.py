@@ -14,7 +14,7 @@ import pytest
 
 from disagg.tokenizer import encode_prompt
 from tests.cluster_harness import ServeProcess, wait_until
-from tests.helpers import reference_tokens
+from tests.helpers import reference_text
 
 PROMPTS = [
     "The capital of France is",
@@ -33,11 +33,7 @@ NEW_TOKENS = 24
 def expected(default_fp32) -> dict[str, str]:
     """transformers' greedy text for every prompt."""
     tok = default_fp32.tokenizer
-    texts = {}
-    for prompt in PROMPTS:
-        tokens = reference_tokens(default_fp32.model, encode_prompt(tok, prompt), NEW_TOKENS)
-        texts[prompt] = tok.decode(tokens, skip_special_tokens=True)
-    return texts
+    return {p: reference_text(default_fp32, encode_prompt(tok, p), NEW_TOKENS) for p in PROMPTS}
 
 
 @pytest.fixture(scope="module")

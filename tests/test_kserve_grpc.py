@@ -29,7 +29,7 @@ from coordinator.kserve_grpc import FINAL_FLAG, KServeServicer, input_tensors, p
 from disagg.errors import InvalidRequestError
 from disagg.tokenizer import apply_chat_template, encode_prompt
 from tests.cluster_harness import ServeProcess, wait_until
-from tests.helpers import reference_tokens
+from tests.helpers import reference_text, reference_tokens
 
 # --- protobuf in and out, no cluster -----------------------------------------------------
 
@@ -276,11 +276,7 @@ def client(serve):
 def expected(default_fp32) -> dict[str, str]:
     """transformers' greedy text for every prompt."""
     tok = default_fp32.tokenizer
-    texts = {}
-    for prompt in PROMPTS:
-        tokens = reference_tokens(default_fp32.model, encode_prompt(tok, prompt), NEW_TOKENS)
-        texts[prompt] = tok.decode(tokens, skip_special_tokens=True)
-    return texts
+    return {p: reference_text(default_fp32, encode_prompt(tok, p), NEW_TOKENS) for p in PROMPTS}
 
 
 def text_input(prompts: list[str], name: str = "text_input") -> triton.InferInput:

@@ -30,7 +30,7 @@ from coordinator.metrics import Metrics
 from disagg.model_loader import DEFAULT_MODEL_NAME, ModelInfo
 from disagg.tokenizer import encode_prompt
 from tests.cluster_harness import ServeProcess, post_json, wait_until
-from tests.helpers import reference_tokens
+from tests.helpers import reference_text
 
 MODEL = "fake-model"
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -479,13 +479,7 @@ def serve():
 @pytest.fixture(scope="module")
 def expected(default_fp32) -> dict[str, str]:
     tok = default_fp32.tokenizer
-    return {
-        p: tok.decode(
-            reference_tokens(default_fp32.model, encode_prompt(tok, p), NEW_TOKENS),
-            skip_special_tokens=True,
-        )
-        for p in PROMPTS
-    }
+    return {p: reference_text(default_fp32, encode_prompt(tok, p), NEW_TOKENS) for p in PROMPTS}
 
 
 def greedy_inputs(*prompts: str) -> list[triton.InferInput]:
