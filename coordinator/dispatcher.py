@@ -133,9 +133,7 @@ class Dispatcher:
             reserved = -(-num_tokens // max(1, worker.info.block_size))
             worker.reserved_blocks += reserved
             try:
-                handle = await worker.decode.Allocate(
-                    request, timeout=self.config.allocate_timeout_s
-                )
+                handle = await self._allocate_on(worker, request)
             except grpc.aio.AioRpcError as error:
                 worker.reserved_blocks -= reserved
                 if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
@@ -147,6 +145,26 @@ class Dispatcher:
                 continue
             return worker, handle
         return None
+
+    async def _allocate_on(self, worker: WorkerRecord, request: pb.AllocateRequest) -> pb.KVHandle:
+        """Allocate, and if the request is cancelled meanwhile, free whatever it got.
+
+        NOTE: cancelling the RPC does not undo it: the worker may already have
+        reserved the blocks. So the call finishes in its own task, and a handle
+        that arrives for a request that is gone is freed at once.
+        """
+        call = asyncio.ensure_future(
+            worker.decode.Allocate(request, timeout=self.config.allocate_timeout_s)
+        )
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            call.add_done_callback(lambda done: self._free_orphan(worker, done))
+            raise
+
+    def _free_orphan(self, worker: WorkerRecord, call: asyncio.Future) -> None:
+        if not call.cancelled() and call.exception() is None:
+            self._release_soon(worker, call.result().handle_id, "cancelled")
 
     def _pick_prefill(self, decode: WorkerRecord) -> WorkerRecord:
         if decode.info.role == "colocated":

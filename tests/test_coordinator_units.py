@@ -71,3 +71,55 @@ def test_registry_takes_silent_workers_out_of_rotation():
         assert registry.get("d").free_kv_blocks == 5 and len(changes) == 4
 
     asyncio.run(scenario())
+
+
+def test_a_handle_allocated_for_a_request_that_left_is_freed():
+    """Cancelling the Allocate RPC does not undo it on the worker: the handle must be freed."""
+    from coordinator.dispatcher import DispatchConfig, Dispatcher
+    from disagg.sampling_params import SamplingParams
+
+    class SlowDecodeWorker:
+        def __init__(self) -> None:
+            self.called, self.release, self.freed = (
+                asyncio.Event(),
+                asyncio.Event(),
+                asyncio.Event(),
+            )
+            self.freed_ids: list[str] = []
+
+        async def Allocate(self, request, timeout):
+            self.called.set()
+            await self.release.wait()  # the worker finishes after the client has gone
+            return pb.KVHandle(handle_id="h-1", block_ids=[0, 1])
+
+        async def Free(self, request, timeout):
+            self.freed_ids.append(request.handle_id)
+            self.freed.set()
+            return pb.FreeResponse(freed=True)
+
+    async def scenario() -> list[str]:
+        registry = WorkerRegistry()
+        registry.register(
+            pb.WorkerInfo(
+                worker_id="d",
+                role="decode",
+                address="127.0.0.1:1",
+                total_kv_blocks=8,
+                block_size=16,
+            )
+        )
+        worker = SlowDecodeWorker()
+        registry.get("d").decode = worker
+        dispatcher = Dispatcher(registry, Admission(), DispatchConfig())
+        request = asyncio.create_task(
+            dispatcher._allocate("r", [1, 2, 3], SamplingParams(max_tokens=4))
+        )
+        await asyncio.wait_for(worker.called.wait(), 5)
+        request.cancel()
+        worker.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        await asyncio.wait_for(worker.freed.wait(), 5)
+        return worker.freed_ids
+
+    assert asyncio.run(scenario()) == ["h-1"]
