@@ -22,7 +22,7 @@ from coordinator.admission import Admission
 from coordinator.registry import WorkerRecord, WorkerRegistry
 from disagg.errors import DisaggError, InvalidRequestError
 from disagg.rpc import control_pb2 as pb
-from disagg.rpc_convert import logprob_from_proto, logprob_to_proto, sampling_to_proto
+from disagg.rpc_convert import logprob_to_proto, optional_logprob, sampling_to_proto
 from disagg.sampling_params import SamplingParams
 from disagg.sequence import TokenLogprob
 
@@ -204,11 +204,7 @@ class Dispatcher:
         trace.token_times_s.append(trace.first_token_s)
         trace.prefill_s, trace.kv_transfer_s = reply.prefill_s, reply.transfer_s
         trace.kv_bytes = reply.kv_bytes
-        logprob = (
-            logprob_from_proto(reply.first_token_id, reply.first_logprob)
-            if reply.HasField("first_logprob")
-            else None
-        )
+        logprob = optional_logprob(reply, "first_logprob", reply.first_token_id)
         return TokenUpdate(
             reply.first_token_id, trace.first_token_s, logprob, reply.finish_reason or None
         )
@@ -237,11 +233,7 @@ class Dispatcher:
                         f"decode worker {decode.worker_id} ended the request: {reason}"
                     )
                 trace.token_times_s.append(event.time_unix_s)
-                logprob = (
-                    logprob_from_proto(event.token_id, event.logprob)
-                    if event.HasField("logprob")
-                    else None
-                )
+                logprob = optional_logprob(event, "logprob", event.token_id)
                 yield TokenUpdate(
                     event.token_id, event.time_unix_s, logprob, event.finish_reason or None
                 )

@@ -135,7 +135,7 @@ class OpenAIApi:
         except Exception as error:
             return error_response(error)
         body = shape.response(response_id, self.frontend.served_name, completions, parsed)
-        body["usage"] = usage(completions, parsed)
+        body["usage"] = usage(parsed, [c.num_completion_tokens for c in completions])
         body["metrics"] = (
             timings(completions[0].trace)
             if len(completions) == 1
@@ -173,7 +173,7 @@ class OpenAIApi:
                 yield sse(shape.chunk(response_id, created, model, index, item, parsed))
             if parsed.include_usage:
                 final = shape.envelope(response_id, created, model, [])
-                final["usage"] = usage_from_counts(parsed, counts)
+                final["usage"] = usage(parsed, counts)
                 final["metrics"] = [timings(t) for t in traces]
                 yield sse(final)
             yield "data: [DONE]\n\n"
@@ -198,14 +198,3 @@ class OpenAIApi:
 
 def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def usage_from_counts(parsed: ParsedRequest, completion_counts: list[int]) -> dict:
-    per_choice = len(parsed.requests) // parsed.num_prompts
-    prompt = sum(len(parsed.requests[i * per_choice].prompt_ids) for i in range(parsed.num_prompts))
-    completion = sum(completion_counts)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }

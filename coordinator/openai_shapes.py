@@ -13,11 +13,11 @@ def token_text(tokenizer: object, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
-def usage(completions: list[Completion], parsed: ParsedRequest) -> dict:
+def usage(parsed: ParsedRequest, completion_counts: list[int]) -> dict:
     """Each distinct prompt counts once, however many choices it has (as OpenAI counts)."""
-    per_choice = len(completions) // parsed.num_prompts
-    prompt = sum(completions[i * per_choice].num_prompt_tokens for i in range(parsed.num_prompts))
-    completion = sum(c.num_completion_tokens for c in completions)
+    per_choice = len(parsed.requests) // parsed.num_prompts
+    prompt = sum(len(parsed.requests[i * per_choice].prompt_ids) for i in range(parsed.num_prompts))
+    completion = sum(completion_counts)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,

@@ -17,8 +17,8 @@ from disagg.rpc import control_pb2 as pb
 from disagg.rpc import control_pb2_grpc as pb_grpc
 from disagg.rpc_convert import (
     layout_to_proto,
-    logprob_from_proto,
     logprob_to_proto,
+    optional_logprob,
     sampling_from_proto,
 )
 from disagg.sampling_params import SamplingParams
@@ -198,10 +198,9 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
             num_computed_tokens=handle.num_prompt_tokens,
             status=SequenceStatus.RUNNING,
         )
-        if request.HasField("first_logprob"):
-            seq.output_logprobs.append(
-                logprob_from_proto(request.first_token_id, request.first_logprob)
-            )
+        first_logprob = optional_logprob(request, "first_logprob", request.first_token_id)
+        if first_logprob is not None:
+            seq.output_logprobs.append(first_logprob)
         return seq
 
     def load(self) -> int:

@@ -18,7 +18,7 @@ from disagg.device import resolve_device, resolve_dtype
 from disagg.errors import InvalidRequestError, OutOfBlocksError
 from disagg.kv_cache import PagedKVCache
 from disagg.llama import LlamaModel
-from disagg.model_loader import LoadedModel, load_model
+from disagg.model_loader import LoadedModel, eos_token_ids, load_model
 from disagg.model_runner import ModelRunner
 from disagg.sampler import SamplerOutput
 from disagg.sampling_params import SamplingParams
@@ -90,7 +90,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.block_manager
         )
-        self.eos_token_ids = eos_token_ids(loaded)
+        configured = getattr(loaded.model.generation_config, "eos_token_id", None)
+        self.eos_token_ids = eos_token_ids(configured, loaded.tokenizer)
         self.runner = ModelRunner(self.model, self.kv_cache, self.eos_token_ids)
         self.stats = EngineStats()
 
@@ -210,16 +211,3 @@ class LLMEngine:
         if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None
-
-
-def eos_token_ids(loaded: LoadedModel) -> set[int]:
-    """EOS as the generation config and the tokenizer each define it."""
-    ids: set[int] = set()
-    configured = getattr(loaded.model.generation_config, "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(configured)
-    if loaded.tokenizer.eos_token_id is not None:
-        ids.add(loaded.tokenizer.eos_token_id)
-    return ids

@@ -123,17 +123,33 @@ def check_architecture(config: object) -> None:
         )
 
 
-def load_model(model: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    """Load weights and tokenizer through transformers, converting GGUF on first use."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+def _model_dir(model: str) -> tuple[Path, str, object]:
+    """The HF directory to load from (converting GGUF once), the served name, the config."""
+    from transformers import AutoConfig
 
     path, name = resolve_model_path(model)
     model_dir = convert_gguf(path) if path.suffix == ".gguf" else path
     config = AutoConfig.from_pretrained(model_dir)
     check_architecture(config)
+    return model_dir, name, config
+
+
+def eos_token_ids(configured: int | list[int] | None, tokenizer: object) -> set[int]:
+    """EOS as the generation config (`configured`) and the tokenizer each define it."""
+    ids = {configured} if isinstance(configured, int) else set(configured or ())
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def load_model(model: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """Load weights and tokenizer through transformers, converting GGUF on first use."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    model_dir, name, config = _model_dir(model)
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, config=config)
     hf_model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -152,19 +168,13 @@ class ModelInfo:
 
 def load_model_info(model: str) -> ModelInfo:
     """Tokenizer, context length and EOS ids, without loading any weights."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
-    path, name = resolve_model_path(model)
-    model_dir = convert_gguf(path) if path.suffix == ".gguf" else path
-    config = AutoConfig.from_pretrained(model_dir)
-    check_architecture(config)
+    model_dir, name, config = _model_dir(model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    eos: set[int] = set()
     try:
         configured = GenerationConfig.from_pretrained(model_dir).eos_token_id
     except OSError:
         configured = config.eos_token_id
-    eos.update([configured] if isinstance(configured, int) else configured or [])
-    if tokenizer.eos_token_id is not None:
-        eos.add(tokenizer.eos_token_id)
+    eos = eos_token_ids(configured, tokenizer)
     return ModelInfo(name, tokenizer, config.max_position_embeddings, eos)

@@ -53,6 +53,13 @@ def logprob_from_proto(token_id: int, message: pb.TokenLogprob) -> TokenLogprob:
     return TokenLogprob(token_id=token_id, logprob=message.logprob, top=top)
 
 
+def optional_logprob(message: object, field: str, token_id: int) -> TokenLogprob | None:
+    """The logprob in `message.<field>`, or None when the sender did not set it."""
+    if not message.HasField(field):
+        return None
+    return logprob_from_proto(token_id, getattr(message, field))
+
+
 def layout_to_proto(layout: KVLayout) -> pb.KVLayout:
     return pb.KVLayout(
         num_layers=layout.num_layers,
