@@ -388,14 +388,14 @@ def test_bad_requests_get_status_codes_and_free_everything(serve, client, defaul
         result, error = responses.get(timeout=DEADLINE_S)
         assert result is None and "unknown model" in str(error)
         # the stream survives the error; a long request is then cut off by the client
-        params = {"max_tokens": 200, "tenant_id": "grpc-cancel"}
+        params = {"max_tokens": 200, "ignore_eos": True, "tenant_id": "grpc-cancel"}
         client.async_stream_infer(name, good, request_id="long", parameters=params)
         result, error = responses.get(timeout=DEADLINE_S)
         assert error is None and result.get_response().id == "long"
     finally:
         client.stop_stream(cancel_requests=True)
     # a unary call whose deadline passes is cancelled on the server too
-    params = {"max_tokens": 200, "tenant_id": "grpc-deadline"}
+    params = {"max_tokens": 200, "ignore_eos": True, "tenant_id": "grpc-deadline"}
     late = status_of(lambda: client.infer(name, good, parameters=params, client_timeout=0.5))
     assert late == "StatusCode.DEADLINE_EXCEEDED"
     serve.wait_all_blocks_free()
