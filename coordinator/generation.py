@@ -135,6 +135,7 @@ def timings(trace: RequestTrace) -> dict:
         "queue_s": trace.queue_s,
         "prefill_s": trace.prefill_s,
         "kv_transfer_s": trace.kv_transfer_s,
+        "first_decode_gap_s": next(iter(trace.tbt_s), None),
         "kv_bytes": trace.kv_bytes,
         "prefill_worker": trace.prefill_worker,
         "decode_worker": trace.decode_worker,

@@ -125,6 +125,7 @@ def _fill_from_stream(record: RequestRecord, read_ns: list[int], reads: list[byt
     record.prompt_tokens = parsed.prompt_tokens
     record.completion_tokens = parsed.completion_tokens
     record.is_usage_streamed = parsed.is_usage_streamed
+    record.server_timings = parsed.server_timings
     if record.error is not None:
         return
     if parsed.error is not None:

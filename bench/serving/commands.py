@@ -20,12 +20,14 @@ from bench.serving.datasets import (
 from bench.serving.lengths import parse_length
 from bench.serving.report import run_plots
 from bench.serving.runner import RunPlan, TargetResult, parse_target, run_all
-from bench.serving.schedule import LoadSpec, Schedule, build_schedule, parse_load
+from bench.serving.schedule import LoadSpec, Schedule, build_schedule, parse_load, within
 from bench.serving.slo import parse_slo
-from bench.serving.table import render
+from bench.serving.table import print_table
 from bench.serving.workload import SyntheticConfig, WorkloadRequest, build_synthetic
 
 WORKLOADS = ("synthetic", "sharegpt", "shared-prefix", "trace")
+DEFAULT_NUM_REQUESTS = 100
+DEFAULT_DURATION_CAP = 1000
 
 
 @functools.lru_cache(maxsize=4)
@@ -51,7 +53,19 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_dataset_arguments(parser)
     parser.add_argument("--max-inflight", type=int, default=None, help="cap on requests in flight")
-    parser.add_argument("--num-requests", type=int, default=100, help="measured requests")
+    parser.add_argument(
+        "--num-requests",
+        type=int,
+        default=None,
+        help=f"measured requests (default {DEFAULT_NUM_REQUESTS}; "
+        f"with --duration, a cap, default {DEFAULT_DURATION_CAP})",
+    )
+    parser.add_argument(
+        "--duration", type=float, default=None, help="seconds to send for, instead of a count"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="passes per target; >1 adds bootstrap 95%% CIs"
+    )
     parser.add_argument(
         "--warmup", type=int, default=0, help="extra leading requests, not measured"
     )
@@ -128,9 +142,15 @@ def build_plan(args: argparse.Namespace) -> tuple[RunPlan, list]:
         raise ValueError("target names must be distinct")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    num_requests = args.num_requests + args.warmup
-    if num_requests < 1:
-        raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.duration is not None and args.duration <= 0:
+        raise ValueError(f"--duration must be > 0 seconds, got {args.duration}")
+    default = DEFAULT_NUM_REQUESTS if args.duration is None else DEFAULT_DURATION_CAP
+    measured = default if args.num_requests is None else args.num_requests
+    if measured < 1:
+        raise ValueError(f"--num-requests must be >= 1, got {measured}")
+    num_requests = measured + args.warmup
     parse_length(args.input_len), parse_length(args.output_len)  # fail before the tokenizer loads
     load = parse_load(args.load)
     slo = parse_slo(args.slo)
@@ -139,13 +159,17 @@ def build_plan(args: argparse.Namespace) -> tuple[RunPlan, list]:
     workload, trace_offsets_s = build_workload(args, num_requests)
     if trace_offsets_s is not None:
         schedule = Schedule(trace_offsets_s, None, args.max_inflight)
-    return RunPlan(tuple(workload), schedule, options, args.warmup, slo), targets
+    schedule = within(schedule, args.duration)
+    plan = RunPlan(
+        tuple(workload), schedule, options, args.warmup, slo, args.repeats, args.duration
+    )
+    return plan, targets
 
 
 def with_load(plan: RunPlan, load: LoadSpec, args: argparse.Namespace) -> RunPlan:
     """The same workload on another load: sweep points and search probes differ only here."""
     schedule = build_schedule(load, len(plan.workload), args.seed, args.max_inflight)
-    return replace(plan, schedule=schedule)
+    return replace(plan, schedule=within(schedule, plan.duration_s))
 
 
 def run_config(args: argparse.Namespace, **overrides: Any) -> dict:
@@ -173,7 +197,7 @@ def run_main(args: argparse.Namespace) -> int:
         print(f"disagg-bench run: error: {error}", file=sys.stderr)
         return 2
     results = run_all(plan, targets, args.output, run_config(args), print_result, args.progress)
-    print(render([(r.target.name, r.summary) for r in results]))
+    print_table([(r.target.name, r.summary) for r in results])
     run_plots(args.output, args.slo)
     print(f"\nwrote {args.output} (tables, requests, plots)", file=sys.stderr)
     return 0

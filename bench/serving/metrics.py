@@ -10,6 +10,12 @@ Per request (all from the client's perf_counter_ns):
 - max_stall_ms: the longest gap between consecutive chunks.
 - e2e_ms: end of stream - actual send.
 - dispatch_lag_ms: actual send - when it could go (scheduled time, or a freed in-flight slot).
+- ttft_breakdown_ms (servers that report their own timings, like disagg): the client's
+  TTFT split into queue (waiting for KV room), prefill (the prompt's forward), KV
+  transfer (after the forward until the last KV byte left), server other (placement,
+  RPCs, waiting for a prefill batch: the server's TTFT minus those three) and network
+  (the client's TTFT minus the server's: HTTP, parsing, the stream's first flush).
+  The phases of a request add up to its TTFT, so their means add up to the mean TTFT.
 When the server does not stream usage, chunks count 1 token each and their weights are
 rescaled so they sum to the final `usage.completion_tokens`.
 """
@@ -19,11 +25,13 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from bench.serving.bootstrap import confidence_intervals
 from bench.serving.record import ERROR_CLASSES, RequestRecord
 from bench.serving.slo import SLO
 from bench.serving.stats import summarize
 
 NS_PER_MS = 1e6
+TTFT_SERVER_PHASES = ("queue", "prefill", "kv_transfer")
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,32 @@ def request_metrics(record: RequestRecord) -> RequestMetrics:
     )
 
 
+def ttft_phases_ms(record: RequestRecord) -> dict[str, float] | None:
+    """The phases of one request's TTFT (see the module docstring); None without server timings."""
+    timings = record.server_timings or {}
+    server_ttft_s = timings.get("ttft_s")
+    if not record.is_ok or not record.chunk_ns or server_ttft_s is None:
+        return None
+    phases = {f"{k}_ms": (timings.get(f"{k}_s") or 0.0) * 1e3 for k in TTFT_SERVER_PHASES}
+    client_ttft_ms = (record.chunk_ns[0] - record.sent_ns) / NS_PER_MS
+    phases["server_other_ms"] = server_ttft_s * 1e3 - sum(phases.values())
+    phases["network_ms"] = client_ttft_ms - server_ttft_s * 1e3
+    phases["server_ttft_ms"] = server_ttft_s * 1e3
+    first_gap_s = timings.get("first_decode_gap_s")
+    if first_gap_s is not None:
+        phases["server_first_decode_gap_ms"] = first_gap_s * 1e3
+    return phases
+
+
+def ttft_breakdown(records: list[RequestRecord]) -> dict | None:
+    """{phase: summary} over the successful requests that carry server timings, else None."""
+    rows = [p for r in records if (p := ttft_phases_ms(r)) is not None]
+    if not rows:
+        return None
+    names = dict.fromkeys(name for row in rows for name in row)
+    return {name: summarize([row[name] for row in rows if name in row]) for name in names}
+
+
 def measured(records: list[RequestRecord]) -> list[RequestRecord]:
     """The records that count: warm-up requests are left out of every metric."""
     return [r for r in records if not r.is_warmup]
@@ -130,15 +164,34 @@ def latency_summaries(per_request: list[RequestMetrics]) -> dict:
     }
 
 
+def by_repeat(records: list[RequestRecord]) -> list[list[RequestRecord]]:
+    """The records of each `--repeats` pass, in pass order; each pass has its own clock."""
+    groups: dict[int, list[RequestRecord]] = {}
+    for record in records:
+        groups.setdefault(record.repeat, []).append(record)
+    return [groups[k] for k in sorted(groups)]
+
+
+def mean_of(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
 def throughput(records: list[RequestRecord], per_request: list[RequestMetrics], slo: SLO) -> dict:
-    """Rates over the run's duration; goodput counts only requests meeting the SLO."""
-    seconds = duration_s(records) or float("nan")
+    """Rates over the run's duration; goodput counts only requests meeting the SLO.
+
+    With repeats, the duration is the passes' durations added up, so each rate is
+    the pooled tokens (or requests) over the pooled time.
+    """
+    passes = by_repeat(records)
+    total_s = sum(duration_s(p) for p in passes)
+    seconds = total_s or float("nan")
     ok = [m for m in per_request if m.is_ok]
     good = [m for m in per_request if slo.is_met(m)]
     return {
-        "duration_s": duration_s(records),
-        "offered_rate_rps": rate_rps([r.scheduled_ns for r in records]),
-        "send_rate_rps": rate_rps([r.sent_ns for r in records]),
+        "duration_s": total_s,
+        "offered_rate_rps": mean_of([rate_rps([r.scheduled_ns for r in p]) for p in passes]),
+        "send_rate_rps": mean_of([rate_rps([r.sent_ns for r in p]) for p in passes]),
         "request_throughput_rps": len(ok) / seconds,
         "input_tokens_per_s": sum(m.input_tokens for m in ok) / seconds,
         "output_tokens_per_s": sum(m.output_tokens for m in ok) / seconds,
@@ -172,8 +225,10 @@ def summarize_run(records: list[RequestRecord], slo: SLO) -> dict:
     counted = measured(records)
     per_request = [request_metrics(r) for r in counted]
     errors = Counter(r.error for r in counted if r.error is not None)
+    passes = by_repeat(counted)
     return {
         "num_requests": len(counted),
+        "repeats": len(passes),
         "num_warmup": len(records) - len(counted),
         "num_ok": sum(r.is_ok for r in counted),
         "num_errors": sum(errors.values()),
@@ -181,4 +236,12 @@ def summarize_run(records: list[RequestRecord], slo: SLO) -> dict:
         **throughput(counted, per_request, slo),
         **latency_summaries(per_request),
         **token_checks(counted),
+        "ttft_breakdown_ms": ttft_breakdown(counted),
+        "ci95": confidence_intervals(
+            [[request_metrics(r) for r in p] for p in passes],
+            [duration_s(p) for p in passes],
+            slo,
+        )
+        if len(passes) > 1
+        else None,
     }

@@ -1,13 +1,15 @@
-"""A one-line progress display while a target runs: sent/done/failed, in flight, rate, TTFT.
+"""A progress bar while a target runs: sent/done/failed, in flight, achieved rate, rolling TTFT.
 
-It reads the records the client fills in, once a second, so the hot path pays nothing.
+It reads the records the client fills in, twice a second, so the hot path pays nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench.serving.record import RequestRecord
 
@@ -29,16 +31,34 @@ def progress_line(records: list[RequestRecord], elapsed_s: float) -> str:
     )
 
 
-async def show_progress(records: list[RequestRecord], start_ns: int, interval_s: float = 1.0):
-    """Redraw the line on stderr every interval until cancelled, then draw the final state."""
+async def show_progress(
+    records: list[RequestRecord], start_ns: int, label: str = "", interval_s: float = 0.5
+) -> None:
+    """A rich progress bar (done of total) with the counts line beside it, on stderr.
 
-    def draw(end: str) -> None:
-        elapsed_s = (time.perf_counter_ns() - start_ns) / 1e9
-        print(f"\r{progress_line(records, elapsed_s)}", end=end, file=sys.stderr, flush=True)
+    Redrawn every interval until cancelled, then once more with the final state.
+    Refreshing here rather than in rich's own thread keeps the client's process to
+    the one event loop it measures with.
+    """
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[line]}"),
+    )
+    with Progress(*columns, console=Console(stderr=True), auto_refresh=False) as bar:
+        task = bar.add_task(label, total=len(records), line="")
 
-    try:
-        while True:
-            await asyncio.sleep(interval_s)
-            draw(end="")
-    finally:
-        draw(end="\n")
+        def draw() -> None:
+            elapsed_s = (time.perf_counter_ns() - start_ns) / 1e9
+            done = sum(r.end_ns > 0 for r in records)
+            bar.update(task, completed=done, line=progress_line(records, elapsed_s))
+            bar.refresh()
+
+        try:
+            while True:
+                await asyncio.sleep(interval_s)
+                draw()
+        finally:
+            draw()

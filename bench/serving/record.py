@@ -56,6 +56,11 @@ class RequestRecord:
     """`usage.completion_tokens` reported by the server."""
     is_usage_streamed: bool = False
     """Whether chunk_tokens came from per-chunk usage deltas (exact) or from counting chunks."""
+    server_timings: dict | None = None
+    """The server's per-request timings in seconds (disagg: queue_s, prefill_s, kv_transfer_s,
+    ttft_s, first_decode_gap_s), when it streams them; None for other servers."""
+    repeat: int = 0
+    """Which of the run's `--repeats` passes sent it."""
 
     @property
     def is_ok(self) -> bool:

@@ -16,7 +16,7 @@ from bench.serving.curve import CurvePoint, render_curve
 from bench.serving.metrics import summarize_run
 from bench.serving.record import read_records
 from bench.serving.slo import parse_slo
-from bench.serving.table import render
+from bench.serving.table import print_table
 
 
 def target_dirs(path: Path) -> list[Path]:
@@ -65,7 +65,7 @@ def report_main(args: argparse.Namespace) -> int:
         report_curves(args.dir, args.slo)
     else:
         dirs = target_dirs(args.dir)
-        print(render([(n, recompute(d, args.slo)) for n, d in zip(labels(dirs), dirs)]))
+        print_table([(n, recompute(d, args.slo)) for n, d in zip(labels(dirs), dirs)])
         run_plots(args.dir, args.slo)
     print(f"\nplots in {args.dir}", file=sys.stderr)
     return 0
@@ -78,7 +78,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 def compare_main(args: argparse.Namespace) -> int:
     dirs = [d for path in args.dirs for d in target_dirs(path)]
-    print(render([(n, recompute(d, args.slo)) for n, d in zip(labels(dirs), dirs)]))
+    print_table([(n, recompute(d, args.slo)) for n, d in zip(labels(dirs), dirs)])
     return 0
 
 

@@ -22,6 +22,8 @@ from bench.serving.metrics import summarize_run
 from bench.serving.progress import show_progress
 from bench.serving.record import RequestRecord, write_records
 from bench.serving.schedule import Schedule
+from bench.serving.server_metrics import agreement as server_agreement
+from bench.serving.server_metrics import diff, scrape
 from bench.serving.slo import SLO
 from bench.serving.workload import WorkloadRequest, write_workload
 
@@ -62,6 +64,11 @@ class RunPlan:
     num_warmup: int = 0
     """The first num_warmup requests are sent but excluded from metrics."""
     slo: SLO = field(default_factory=SLO)
+    repeats: int = 1
+    """Passes of the whole workload per target, for confidence intervals."""
+    duration_s: float | None = None
+    """Closed loops: users stop taking new requests after this long (open loops are cut
+    to it when the schedule is built)."""
 
 
 @dataclass
@@ -71,6 +78,10 @@ class TargetResult:
     summary: dict
     client_cpu_percent: float
     warnings: list[str]
+    server_metrics: dict[str, float] | None = None
+    """The target's /metrics counters, after minus before; None without /metrics."""
+    server_agreement: dict[str, dict] = field(default_factory=dict)
+    """disagg's request and token counters beside the client's counts."""
 
 
 def discover_model(url: str, timeout_s: float = 10.0) -> str | None:
@@ -102,9 +113,12 @@ async def _open_loop(plan, url, bodies, records, client, start_ns, inflight) -> 
 
 async def _closed_loop(plan, url, bodies, records, client, start_ns, inflight) -> None:
     pending = iter(zip(records, bodies))
+    deadline_ns = None if plan.duration_s is None else start_ns + int(plan.duration_s * 1e9)
 
     async def user() -> None:
         for record, body in pending:
+            if deadline_ns is not None and time.perf_counter_ns() >= deadline_ns:
+                return
             record.scheduled_ns = record.slot_ns = time.perf_counter_ns() - start_ns
             if inflight is not None:
                 await inflight.acquire()
@@ -122,11 +136,13 @@ async def _send(plan, url, body, record, client, start_ns, inflight) -> None:
 
 
 async def drive(
-    plan: RunPlan, url: str, bodies: list[bytes], is_progress_shown: bool = False
+    plan: RunPlan, url: str, bodies: list[bytes], progress_label: str | None = None, repeat: int = 0
 ) -> list[RequestRecord]:
-    """Send the whole workload to `url` on the plan's schedule; one record per request."""
+    """Send the workload to `url` on the plan's schedule; a record per request that went out."""
     records = [
-        RequestRecord(r.index, r.input_len, r.output_len, is_warmup=r.index < plan.num_warmup)
+        RequestRecord(
+            r.index, r.input_len, r.output_len, is_warmup=r.index < plan.num_warmup, repeat=repeat
+        )
         for r in plan.workload
     ]
     cap = plan.schedule.max_inflight
@@ -137,7 +153,9 @@ async def drive(
         loop = _open_loop if plan.schedule.offsets_s is not None else _closed_loop
         start_ns = time.perf_counter_ns()
         progress = (
-            asyncio.create_task(show_progress(records, start_ns)) if is_progress_shown else None
+            asyncio.create_task(show_progress(records, start_ns, progress_label))
+            if progress_label is not None
+            else None
         )
         try:
             await loop(plan, endpoint, bodies, records, client, start_ns, inflight)
@@ -145,7 +163,7 @@ async def drive(
             if progress is not None:
                 progress.cancel()
                 await asyncio.gather(progress, return_exceptions=True)
-    return records
+    return [r for r in records if r.end_ns > 0]  # a closed loop's deadline leaves some unsent
 
 
 def run_warnings(summary: dict, client_cpu_percent: float) -> list[str]:
@@ -164,15 +182,38 @@ def run_warnings(summary: dict, client_cpu_percent: float) -> list[str]:
     return warnings
 
 
+def disagreements(agreement: dict[str, dict]) -> list[str]:
+    """Where the server's counters and the client's counts differ, in words."""
+    return [
+        f"server counted {pair['server']:.0f} {what.replace('_', ' ')}, client {pair['client']:.0f}"
+        for what, pair in agreement.items()
+        if pair["server"] != pair["client"]
+    ]
+
+
 def run_target(plan: RunPlan, target: Target, is_progress_shown: bool = False) -> TargetResult:
+    """Every pass of the workload against one target, between two scrapes of its /metrics."""
     model = plan.options.model or discover_model(target.url) or "default"
     options = replace(plan.options, model=model)
     bodies = [request_body(r, options) for r in plan.workload]
+    before = scrape(target.url)
+    records: list[RequestRecord] = []
     wall_start, cpu_start = time.perf_counter(), time.process_time()
-    records = asyncio.run(drive(plan, target.url, bodies, is_progress_shown))
+    for repeat in range(plan.repeats):
+        label = f"{target.name} {repeat + 1}/{plan.repeats}" if is_progress_shown else None
+        records += asyncio.run(drive(plan, target.url, bodies, label, repeat))
     cpu_percent = 100 * (time.process_time() - cpu_start) / (time.perf_counter() - wall_start)
+    after = scrape(target.url)
+    deltas = diff(before, after) if before is not None and after is not None else None
+    agreement_ = server_agreement(deltas or {}, records)
     summary = summarize_run(records, plan.slo)
-    return TargetResult(target, records, summary, cpu_percent, run_warnings(summary, cpu_percent))
+    warnings = run_warnings(summary, cpu_percent) + disagreements(agreement_)
+    if plan.duration_s is not None and len(records) == plan.repeats * len(plan.workload):
+        warnings.append(
+            f"all {len(plan.workload)} requests went out within --duration {plan.duration_s:g} s:"
+            " raise --num-requests to fill it"
+        )
+    return TargetResult(target, records, summary, cpu_percent, warnings, deltas, agreement_)
 
 
 def write_result(out_dir: Path, result: TargetResult, config: dict) -> Path:
@@ -187,6 +228,8 @@ def write_result(out_dir: Path, result: TargetResult, config: dict) -> Path:
         "client_cpu_percent": result.client_cpu_percent,
         "summary": result.summary,
         "warnings": result.warnings,
+        "server_metrics_diff": result.server_metrics,
+        "server_agreement": result.server_agreement,
     }
     (target_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     return target_dir

@@ -8,7 +8,7 @@ their next request when their last one finishes; it has no send times.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -104,3 +104,10 @@ def build_schedule(
     gaps = gaps_s(spec, rng, num_requests)
     offsets = np.concatenate([[0.0], np.cumsum(gaps[1:])])
     return Schedule(tuple(float(t) for t in offsets), None, max_inflight)
+
+
+def within(schedule: Schedule, duration_s: float | None) -> Schedule:
+    """Only the sends scheduled before `duration_s` (a closed loop stops itself at it)."""
+    if duration_s is None or schedule.offsets_s is None:
+        return schedule
+    return replace(schedule, offsets_s=tuple(t for t in schedule.offsets_s if t < duration_s))

@@ -21,6 +21,8 @@ class ParsedStream:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     is_usage_streamed: bool = False
+    server_timings: dict | None = None
+    """The server's own account of the request (`metrics` in disagg's final chunk)."""
     is_done: bool = False
     """Whether `data: [DONE]` arrived."""
     error: str | None = None
@@ -76,6 +78,11 @@ def parse_stream(read_ns: list[int], reads: list[bytes]) -> ParsedStream:
 
 def _add_chunk(parsed: ParsedStream, t_ns: int, chunk: dict) -> None:
     """Count a chunk's tokens: its usage delta where usage is streamed, else 1 if it has text."""
+    timings = chunk.get("metrics")
+    if isinstance(timings, list) and timings and isinstance(timings[0], dict):
+        parsed.server_timings = timings[0]
+    elif isinstance(timings, dict):
+        parsed.server_timings = timings
     usage = chunk.get("usage") or {}
     has_text = bool(chunk_text(chunk))
     if usage:

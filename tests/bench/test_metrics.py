@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.serving.metrics import request_metrics, summarize_run
+from bench.serving.metrics import request_metrics, summarize_run, ttft_phases_ms
 from bench.serving.record import RequestRecord
 from bench.serving.slo import parse_slo
 from bench.serving.stats import summarize
@@ -170,3 +170,52 @@ def test_token_checks_flag_drift():
     s = summarize_run([drifted], parse_slo(None))
     assert s["prompt_token_mismatches"] == 1
     assert s["output_token_mismatches"] == 1
+
+
+def test_ttft_phases_add_up_to_the_clients_ttft():
+    served = record([(120, 1), (150, 1)], sent=0)
+    served.server_timings = {
+        "ttft_s": 0.100,
+        "queue_s": 0.010,
+        "prefill_s": 0.060,
+        "kv_transfer_s": 0.005,
+        "first_decode_gap_s": 0.025,
+    }
+    phases = ttft_phases_ms(served)
+    assert phases == pytest.approx({
+        "queue_ms": 10, "prefill_ms": 60, "kv_transfer_ms": 5, "server_other_ms": 25,
+        "network_ms": 20, "server_ttft_ms": 100, "server_first_decode_gap_ms": 25,
+    })  # fmt: skip
+    parts = ("queue_ms", "prefill_ms", "kv_transfer_ms", "server_other_ms", "network_ms")
+    assert sum(phases[p] for p in parts) == pytest.approx(request_metrics(served).ttft_ms)
+
+
+def test_ttft_breakdown_needs_server_timings_and_success():
+    plain = record([(50, 1)])
+    failed = record([(50, 1)], error="bad_stream")
+    failed.server_timings = {"ttft_s": 0.01}
+    assert summarize_run([plain, failed], parse_slo(None))["ttft_breakdown_ms"] is None
+    plain.server_timings = {"ttft_s": 0.04, "prefill_s": 0.03}
+    breakdown = summarize_run([plain, failed], parse_slo(None))["ttft_breakdown_ms"]
+    assert breakdown["prefill_ms"]["count"] == 1
+    assert breakdown["network_ms"]["mean"] == pytest.approx(10)
+    assert "server_first_decode_gap_ms" not in breakdown
+
+
+def test_repeats_pool_their_passes_each_on_its_own_clock():
+    passes = []
+    for repeat in range(2):  # each pass: 2 requests over 1 s, 10 tokens each
+        for index, start in enumerate((0, 500)):
+            r = record(
+                [(start + 100, 1), (start + 500, 9)], scheduled=start, sent=start, index=index
+            )
+            r.repeat = repeat
+            passes.append(r)
+    s = summarize_run(passes, parse_slo(None))
+    assert s["repeats"] == 2 and s["num_requests"] == 4
+    assert s["duration_s"] == pytest.approx(2.0)  # not the 1 s the overlapping clocks span
+    assert s["output_tokens_per_s"] == pytest.approx(20.0)
+    assert s["offered_rate_rps"] == pytest.approx(2.0)
+    assert s["ci95"]["output_tokens_per_s"] == pytest.approx([20.0, 20.0])  # identical passes
+    assert s["ci95"]["ttft_ms.p50"] == pytest.approx([100, 100])
+    assert summarize_run(passes[:2], parse_slo(None))["ci95"] is None

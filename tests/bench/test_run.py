@@ -148,3 +148,43 @@ def test_calibrate_measures_the_client_against_loopback(tmp_path, capsys):
 def test_progress_line_during_a_run(tmp_path, loopback, capsys):
     assert run(tmp_path, loopback, "constant:20", "--progress") == 0
     assert "sent 26/26" in capsys.readouterr().err
+
+
+def test_repeats_pool_passes_and_print_intervals(tmp_path, loopback, capsys):
+    assert run(tmp_path, loopback, "constant:40", "--repeats", "2") == 0
+    records = read_records(tmp_path / "plain" / "requests.jsonl")
+    assert sorted({r.repeat for r in records}) == [0, 1] and len(records) == 2 * 26
+    summary = json.loads((tmp_path / "plain" / "run.json").read_text())["summary"]
+    assert summary["repeats"] == 2 and summary["num_requests"] == 48
+    lo, hi = summary["ci95"]["ttft_ms.p50"]
+    assert lo <= summary["ttft_ms"]["p50"] <= hi
+    assert lo >= FIRST_TOKEN_DELAY_S * 1000
+    assert "[" in next(
+        line for line in capsys.readouterr().out.splitlines() if "TTFT sent p50" in line
+    )
+
+
+def run_for(tmp_path, loopback, load: str, duration_s: str, cap: str):
+    return main([
+        "run", "--target", f"plain={loopback.url('ok')}", "--input-len", "fixed:8",
+        "--output-len", "fixed:4", "--load", load, "--duration", duration_s,
+        "--num-requests", cap, "-o", str(tmp_path),
+    ])  # fmt: skip
+
+
+def test_duration_cuts_an_open_loop_schedule(tmp_path, loopback):
+    assert run_for(tmp_path, loopback, "constant:20", "1", "500") == 0
+    records = read_records(tmp_path / "plain" / "requests.jsonl")
+    assert len(records) == 20  # sends at 0, 0.05, ... 0.95 s
+    assert max(r.scheduled_ns for r in records) < 1e9
+    assert json.loads((tmp_path / "plain" / "run.json").read_text())["warnings"] == []
+
+
+def test_duration_stops_a_closed_loop_and_warns_when_the_cap_runs_out(tmp_path, loopback):
+    assert run_for(tmp_path / "stopped", loopback, "closed:2", "0.5", "1000") == 0
+    records = read_records(tmp_path / "stopped" / "plain" / "requests.jsonl")
+    assert 2 <= len(records) < 1000 and max(r.sent_ns for r in records) < 0.5e9
+    assert run_for(tmp_path / "short", loopback, "closed:2", "30", "6") == 0
+    run_json = json.loads((tmp_path / "short" / "plain" / "run.json").read_text())
+    assert any("raise --num-requests" in w for w in run_json["warnings"])
+    assert run_json["summary"]["num_requests"] == 6
