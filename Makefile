@@ -7,8 +7,9 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 SERVE_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: install serve test lint format proto bench clean
+.PHONY: install serve test lint format proto bench bench-engine clean
 
 install: $(STAMP)
 
@@ -39,7 +40,12 @@ format: install
 proto: install
 	$(PY) -m disagg.rpc.codegen
 
+# Colocated vs disaggregated vs `transformers serve`, on this machine (~20 min on 2 cores).
 bench: install
+	$(PY) -m pip install -q -e '.[dev,peer]'
+	$(VENV)/bin/disagg-bench headline $(BENCH_ARGS)
+
+bench-engine: install
 	$(VENV)/bin/disagg-bench engine
 
 clean:

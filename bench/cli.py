@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import engine_throughput, kv_transfer, ttft
+from bench import engine_throughput, headline, kv_transfer, ttft
 from bench.serving import calibrate as serving_calibrate
 from bench.serving import commands as serving
 from bench.serving import report as serving_report
@@ -29,6 +29,8 @@ SUBCOMMANDS = [
      serving_report.add_report_arguments, serving_report.report_main),
     ("compare", "side-by-side tables of runs, with ratios",
      serving_report.add_compare_arguments, serving_report.compare_main),
+    ("headline", "colocated vs disaggregated vs transformers serve, on this machine",
+     headline.add_arguments, headline.main),
     ("calibrate", "the client's own ceiling, on loopback",
      serving_calibrate.add_calibrate_arguments, serving_calibrate.calibrate_main),
 ]  # fmt: skip

@@ -123,8 +123,11 @@ def check_architecture(config: object) -> None:
         )
 
 
-def _model_dir(model: str) -> tuple[Path, str, object]:
-    """The HF directory to load from (converting GGUF once), the served name, the config."""
+def hf_model_dir(model: str) -> tuple[Path, str, object]:
+    """The HF directory to load from (converting GGUF once), the served name, the config.
+
+    Public because peers benchmarked against us load the very same directory.
+    """
     from transformers import AutoConfig
 
     path, name = resolve_model_path(model)
@@ -149,7 +152,7 @@ def load_model(model: str, dtype: torch.dtype, device: torch.device) -> LoadedMo
 
     hf_logging.disable_progress_bar()
 
-    model_dir, name, config = _model_dir(model)
+    model_dir, name, config = hf_model_dir(model)
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, config=config)
     hf_model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -170,7 +173,7 @@ def load_model_info(model: str) -> ModelInfo:
     """Tokenizer, context length and EOS ids, without loading any weights."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    model_dir, name, config = _model_dir(model)
+    model_dir, name, config = hf_model_dir(model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     try:
         configured = GenerationConfig.from_pretrained(model_dir).eos_token_id

@@ -45,8 +45,14 @@ class RequestOptions:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
 
 
-def request_body(request: WorkloadRequest, options: RequestOptions) -> bytes:
-    """The JSON body, built before the run so the hot path never serializes."""
+def request_body(
+    request: WorkloadRequest, options: RequestOptions, extra: dict | None = None
+) -> bytes:
+    """The JSON body, built before the run so the hot path never serializes.
+
+    `extra` is merged in last, for a server that spells a field its own way; a
+    key set to None is left out (e.g. `ignore_eos` for a server that rejects it).
+    """
     body: dict = {
         "model": options.model,
         "max_tokens": request.output_len,
@@ -60,7 +66,8 @@ def request_body(request: WorkloadRequest, options: RequestOptions) -> bytes:
         body["messages"] = [{"role": "user", "content": request.prompt}]
     else:
         body["prompt"] = request.prompt
-    return json.dumps(body).encode()
+    body |= extra or {}
+    return json.dumps({k: v for k, v in body.items() if v is not None}).encode()
 
 
 class HTTPStatusError(Exception):
@@ -126,6 +133,7 @@ def _fill_from_stream(record: RequestRecord, read_ns: list[int], reads: list[byt
     record.completion_tokens = parsed.completion_tokens
     record.is_usage_streamed = parsed.is_usage_streamed
     record.server_timings = parsed.server_timings
+    record.is_done = parsed.is_done
     if record.error is not None:
         return
     if parsed.error is not None:

@@ -19,7 +19,13 @@ from bench.serving.datasets import (
 )
 from bench.serving.lengths import parse_length
 from bench.serving.report import run_plots
-from bench.serving.runner import RunPlan, TargetResult, parse_target, run_all
+from bench.serving.runner import (
+    RunPlan,
+    TargetResult,
+    parse_target,
+    run_all,
+    with_extra_bodies,
+)
 from bench.serving.schedule import LoadSpec, Schedule, build_schedule, parse_load, within
 from bench.serving.slo import parse_slo
 from bench.serving.table import print_table
@@ -40,6 +46,12 @@ def load_tokenizer(model: str) -> Any:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", action="append", required=True, help="NAME=URL, repeatable")
+    parser.add_argument(
+        "--extra-body",
+        action="append",
+        default=[],
+        help="NAME=JSON merged into that target's request bodies; null drops a field",
+    )
     parser.add_argument("--workload", default="synthetic", choices=WORKLOADS)
     parser.add_argument("--dataset", type=Path, default=None, help="sharegpt JSON or trace JSONL")
     parser.add_argument(
@@ -140,6 +152,7 @@ def build_plan(args: argparse.Namespace) -> tuple[RunPlan, list]:
     targets = [parse_target(t) for t in args.target]
     if len({t.name for t in targets}) != len(targets):
         raise ValueError("target names must be distinct")
+    targets = with_extra_bodies(targets, args.extra_body)
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     if args.repeats < 1:

@@ -217,6 +217,7 @@ def token_checks(records: list[RequestRecord]) -> dict:
             for r in ok
         ),
         "missing_usage": sum(r.completion_tokens is None for r in ok),
+        "missing_done": sum(not r.is_done for r in ok),
     }
 
 

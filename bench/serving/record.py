@@ -56,6 +56,9 @@ class RequestRecord:
     """`usage.completion_tokens` reported by the server."""
     is_usage_streamed: bool = False
     """Whether chunk_tokens came from per-chunk usage deltas (exact) or from counting chunks."""
+    is_done: bool = True
+    """Whether the stream ended with `data: [DONE]` (one that ends at its finish_reason
+    without it is accepted, and counted under `missing_done`)."""
     server_timings: dict | None = None
     """The server's per-request timings in seconds (disagg: queue_s, prefill_s, kv_transfer_s,
     ttft_s, first_decode_gap_s), when it streams them; None for other servers."""

@@ -37,6 +37,8 @@ class Target:
 
     name: str
     url: str
+    extra_body: dict = field(default_factory=dict)
+    """Merged into every request body sent to this target (see `request_body`)."""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -82,6 +84,23 @@ class TargetResult:
     """The target's /metrics counters, after minus before; None without /metrics."""
     server_agreement: dict[str, dict] = field(default_factory=dict)
     """disagg's request and token counters beside the client's counts."""
+
+
+def with_extra_bodies(targets: list[Target], specs: list[str]) -> list[Target]:
+    """Attach each `NAME=JSON` of `--extra-body` to the target of that name."""
+    extras: dict[str, dict] = {}
+    for spec in specs:
+        name, sep, text = spec.partition("=")
+        try:
+            extra = json.loads(text) if sep else None
+        except ValueError:
+            extra = None
+        if not isinstance(extra, dict):
+            raise ValueError(f"bad --extra-body {spec!r}: use NAME='{{\"field\": value}}'")
+        if name not in {t.name for t in targets}:
+            raise ValueError(f"--extra-body names {name!r}, which is not a --target")
+        extras[name] = extras.get(name, {}) | extra
+    return [replace(t, extra_body=t.extra_body | extras.get(t.name, {})) for t in targets]
 
 
 def discover_model(url: str, timeout_s: float = 10.0) -> str | None:
@@ -176,7 +195,12 @@ def run_warnings(summary: dict, client_cpu_percent: float) -> list[str]:
         warnings.append(f"client CPU {client_cpu_percent:.0f}% > 80%: client-bound?")
     if summary["num_errors"]:
         warnings.append(f"{summary['num_errors']} requests failed: {summary['errors']}")
-    for key in ("prompt_token_mismatches", "output_token_mismatches", "missing_usage"):
+    for key in (
+        "prompt_token_mismatches",
+        "output_token_mismatches",
+        "missing_usage",
+        "missing_done",
+    ):
         if summary[key]:
             warnings.append(f"{summary[key]} successful requests with {key.replace('_', ' ')}")
     return warnings
@@ -195,7 +219,7 @@ def run_target(plan: RunPlan, target: Target, is_progress_shown: bool = False) -
     """Every pass of the workload against one target, between two scrapes of its /metrics."""
     model = plan.options.model or discover_model(target.url) or "default"
     options = replace(plan.options, model=model)
-    bodies = [request_body(r, options) for r in plan.workload]
+    bodies = [request_body(r, options, target.extra_body) for r in plan.workload]
     before = scrape(target.url)
     records: list[RequestRecord] = []
     wall_start, cpu_start = time.perf_counter(), time.process_time()

@@ -25,6 +25,8 @@ class ParsedStream:
     """The server's own account of the request (`metrics` in disagg's final chunk)."""
     is_done: bool = False
     """Whether `data: [DONE]` arrived."""
+    is_finished: bool = False
+    """Whether a choice carried a finish_reason (some servers end there, without [DONE])."""
     error: str | None = None
     """Why the stream is malformed or carried an error object, None if it is fine."""
 
@@ -71,24 +73,31 @@ def parse_stream(read_ns: list[int], reads: list[bytes]) -> ParsedStream:
             parsed.error = f"error in stream: {str(chunk)[:200]}"
             return parsed
         _add_chunk(parsed, t_ns, chunk)
-    if not parsed.is_done:
-        parsed.error = "stream ended without [DONE]"
+    if not (parsed.is_done or parsed.is_finished):
+        parsed.error = "stream ended without [DONE] or a finish_reason"
     return parsed
 
 
 def _add_chunk(parsed: ParsedStream, t_ns: int, chunk: dict) -> None:
-    """Count a chunk's tokens: its usage delta where usage is streamed, else 1 if it has text."""
+    """Count a chunk's tokens: its usage delta where usage is streamed, else 1 if it has text.
+
+    Usage is streamed when it rides with the choices from the first token on; usage
+    that first turns up on a later chunk is the final count, even beside a choice.
+    """
     timings = chunk.get("metrics")
     if isinstance(timings, list) and timings and isinstance(timings[0], dict):
         parsed.server_timings = timings[0]
     elif isinstance(timings, dict):
         parsed.server_timings = timings
+    choices = chunk.get("choices") or []
+    parsed.is_finished |= any(isinstance(c, dict) and c.get("finish_reason") for c in choices)
     usage = chunk.get("usage") or {}
     has_text = bool(chunk_text(chunk))
     if usage:
         parsed.prompt_tokens = usage.get("prompt_tokens", parsed.prompt_tokens)
         completion = usage.get("completion_tokens")
-        if completion is not None and chunk.get("choices"):
+        is_per_chunk = parsed.is_usage_streamed or not parsed.chunk_ns
+        if completion is not None and choices and is_per_chunk:
             delta = completion - (parsed.completion_tokens or 0)
             parsed.is_usage_streamed = True
             parsed.completion_tokens = completion

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 
 import httpx
@@ -10,6 +11,7 @@ import pytest
 
 from bench.serving.client import RequestOptions, request_body, send
 from bench.serving.record import RequestRecord
+from bench.serving.runner import parse_target, with_extra_bodies
 from bench.serving.workload import WorkloadRequest
 from tests.bench.conftest import FIRST_TOKEN_DELAY_S
 
@@ -77,3 +79,21 @@ def test_connection_refused():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again before the request
     assert call(f"http://127.0.0.1:{port}").error == "connection"
+
+
+def test_extra_body_is_merged_and_null_drops_a_field():
+    extra = {"ignore_eos": None, "generation_config": '{"eos_token_id": -1}', "model": "/m"}
+    body = json.loads(request_body(REQUEST, RequestOptions(model="default"), extra))
+    assert "ignore_eos" not in body and body["model"] == "/m"
+    assert body["generation_config"] == '{"eos_token_id": -1}'
+    assert body["max_tokens"] == REQUEST.output_len and body["stream"] is True
+
+
+def test_extra_bodies_attach_to_named_targets_only():
+    targets = [parse_target("a=http://x"), parse_target("b=http://y")]
+    a, b = with_extra_bodies(targets, ['a={"top_k": 1}', 'a={"seed": 2}'])
+    assert (a.extra_body, b.extra_body) == ({"top_k": 1, "seed": 2}, {})
+    with pytest.raises(ValueError, match="not a --target"):
+        with_extra_bodies(targets, ['c={"top_k": 1}'])
+    with pytest.raises(ValueError, match="bad --extra-body"):
+        with_extra_bodies(targets, ["a=[1]"])

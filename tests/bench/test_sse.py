@@ -59,3 +59,14 @@ def test_malformed_streams_are_errors():
     assert "JSON" in parse_stream([1], [b"data: {oops\n\n"]).error
     assert "error" in parse_stream([1], [data({"error": {"message": "boom"}})]).error
     assert "DONE" in parse_stream([1], [data(text_chunk("a"))]).error
+
+
+def test_a_stream_may_end_at_its_finish_reason_with_usage_beside_the_last_choice():
+    """transformers serve: no [DONE], and the final count rides on the finishing chunk."""
+    last = {"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}
+    last["usage"] = {"prompt_tokens": 4, "completion_tokens": 3}
+    reads = [data(text_chunk("a")), data(text_chunk("b")), data(text_chunk("c")), data(last)]
+    parsed = parse_stream([1, 2, 3, 4], reads)
+    assert parsed.error is None and not parsed.is_done and parsed.is_finished
+    assert (parsed.chunk_ns, parsed.chunk_tokens) == ([1, 2, 3], [1, 1, 1])
+    assert (parsed.completion_tokens, parsed.is_usage_streamed) == (3, False)
