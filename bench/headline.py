@@ -1,4 +1,4 @@
-"""`disagg-bench headline` (`make bench-serving`): does disaggregation pay on this machine?
+"""`disagg-bench headline` (`make bench`): does disaggregation pay on this machine?
 
 One command runs the same seeded workloads against `disagg serve --mode
 colocated` and `--mode disaggregated` with the same total CPU threads, and
@@ -43,11 +43,10 @@ class Scenario:
     warmup: int = 2
 
 
+SERVERS = ("colocated", "disaggregated", "transformers")
 SCENARIOS = {
-    "mixed": Scenario("mixed", "poisson:0.3", 30, ("colocated", "disaggregated")),
-    "streams16": Scenario(
-        "streams16", "closed:16", 32, ("colocated", "disaggregated", "transformers")
-    ),
+    "mixed": Scenario("mixed", "poisson:0.3", 30, SERVERS[:2]),
+    "streams16": Scenario("streams16", "closed:16", 32, SERVERS),
 }
 
 
@@ -70,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--servers",
         default=None,
-        help="comma-separated subset of colocated,disaggregated,transformers",
+        help=f"comma-separated subset of {','.join(SERVERS)}",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-requests", type=int, default=None, help="override per scenario")
@@ -121,7 +120,7 @@ def run_scenario(
 def main(args: argparse.Namespace) -> int:
     chosen = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     wanted = args.servers.split(",") if args.servers else None
-    unknown = set(wanted or ()) - {"colocated", "disaggregated", "transformers"}
+    unknown = set(wanted or ()) - set(SERVERS)
     if unknown:
         print(f"disagg-bench headline: error: unknown servers {sorted(unknown)}", file=sys.stderr)
         return 2

@@ -239,7 +239,7 @@ def summarize_run(records: list[RequestRecord], slo: SLO) -> dict:
         **token_checks(counted),
         "ttft_breakdown_ms": ttft_breakdown(counted),
         "ci95": confidence_intervals(
-            [[request_metrics(r) for r in p] for p in passes],
+            [[m for r, m in zip(counted, per_request) if r.repeat == p[0].repeat] for p in passes],
             [duration_s(p) for p in passes],
             slo,
         )

@@ -22,8 +22,7 @@ from bench.serving.metrics import summarize_run
 from bench.serving.progress import show_progress
 from bench.serving.record import RequestRecord, write_records
 from bench.serving.schedule import Schedule
-from bench.serving.server_metrics import agreement as server_agreement
-from bench.serving.server_metrics import diff, scrape
+from bench.serving.server_metrics import agreement, diff, scrape
 from bench.serving.slo import SLO
 from bench.serving.workload import WorkloadRequest, write_workload
 
@@ -206,11 +205,11 @@ def run_warnings(summary: dict, client_cpu_percent: float) -> list[str]:
     return warnings
 
 
-def disagreements(agreement: dict[str, dict]) -> list[str]:
+def disagreements(counts: dict[str, dict]) -> list[str]:
     """Where the server's counters and the client's counts differ, in words."""
     return [
         f"server counted {pair['server']:.0f} {what.replace('_', ' ')}, client {pair['client']:.0f}"
-        for what, pair in agreement.items()
+        for what, pair in counts.items()
         if pair["server"] != pair["client"]
     ]
 
@@ -229,15 +228,15 @@ def run_target(plan: RunPlan, target: Target, is_progress_shown: bool = False) -
     cpu_percent = 100 * (time.process_time() - cpu_start) / (time.perf_counter() - wall_start)
     after = scrape(target.url)
     deltas = diff(before, after) if before is not None and after is not None else None
-    agreement_ = server_agreement(deltas or {}, records)
+    counts = agreement(deltas or {}, records)
     summary = summarize_run(records, plan.slo)
-    warnings = run_warnings(summary, cpu_percent) + disagreements(agreement_)
+    warnings = run_warnings(summary, cpu_percent) + disagreements(counts)
     if plan.duration_s is not None and len(records) == plan.repeats * len(plan.workload):
         warnings.append(
             f"all {len(plan.workload)} requests went out within --duration {plan.duration_s:g} s:"
             " raise --num-requests to fill it"
         )
-    return TargetResult(target, records, summary, cpu_percent, warnings, deltas, agreement_)
+    return TargetResult(target, records, summary, cpu_percent, warnings, deltas, counts)
 
 
 def write_result(out_dir: Path, result: TargetResult, config: dict) -> Path:

@@ -119,6 +119,12 @@ def test_closed_loop_with_an_inflight_cap(tmp_path, loopback):
 def test_bad_specs_fail_before_anything_runs(tmp_path, loopback, capsys):
     assert run(tmp_path, loopback, "poisson:fast") == 2
     assert "bad load" in capsys.readouterr().err
+    assert run(tmp_path, loopback, "poisson:1", "--repeats", "0") == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err
+    assert run(tmp_path, loopback, "poisson:1", "--duration", "0") == 2
+    assert "--duration must be > 0" in capsys.readouterr().err
+    assert run(tmp_path, loopback, "poisson:1", "--extra-body", "nobody={}") == 2
+    assert "not a --target" in capsys.readouterr().err
     assert not (tmp_path / "workload.jsonl").exists()
 
 
