@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.local_cluster import LocalCluster
+from bench.local_cluster import LocalCluster, ServerProcess
 from bench.peer import TransformersServe
 from bench.serving import commands
 from bench.serving.report import run_plots
@@ -50,7 +50,7 @@ SCENARIOS = {
 }
 
 
-def server_factories(args: argparse.Namespace) -> dict[str, Callable[[], object]]:
+def server_factories(args: argparse.Namespace) -> dict[str, Callable[[], ServerProcess]]:
     """Context managers with a `.url`, each a server on free local ports."""
     common = ("--model", args.model, "--dtype", args.dtype)
     return {
@@ -105,7 +105,7 @@ def run_scenario(
     for name in servers:
         print(f"[{scenario.name}] starting {name}", file=sys.stderr)
         with factories[name]() as server:
-            target = Target(name, server.url, getattr(server, "extra_body", {}))
+            target = Target(name, server.url, server.extra_body)
             result = run_target(plan, target, scenario_args.progress)
         config = commands.run_config(scenario_args, scenario=scenario.name, server=name)
         write_result(out, result, config)

@@ -48,10 +48,68 @@ def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
     raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
-class LocalCluster:
+class ServerProcess:
+    """A server in a child process: ready when `with` enters, stopped when it leaves.
+
+    Subclasses say how to start it (`command`, `env`) and how to tell it is up
+    (`is_up`); a child that exits while starting fails at once.
+    """
+
+    what = "the server"
+    stop_grace_s = 60.0
+    """How long SIGTERM has to work before the child is killed."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def extra_body(self) -> dict:
+        """Fields its requests need beyond the OpenAI ones (see `disagg-bench run --extra-body`)."""
+        return {}
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        return os.environ | {"PYTHONUNBUFFERED": "1"}
+
+    def is_up(self) -> bool:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.process = subprocess.Popen(self.command(), env=self.env())
+        try:
+            wait_until(self._ready, START_TIMEOUT_S, f"{self.what} to start", interval_s=0.5)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=self.stop_grace_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def _ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.what} exited with {self.process.returncode}")
+        return self.is_up()
+
+
+class LocalCluster(ServerProcess):
     """`with LocalCluster("--mode", "colocated") as cluster: cluster.url ...`"""
 
+    what = "disagg serve"
+
     def __init__(self, *args: str, num_workers: int | None = None) -> None:
+        super().__init__()
         self.http_port = free_port()
         self.grpc_port = free_port()
         self.control_port = free_port()
@@ -64,20 +122,9 @@ class LocalCluster:
         ]  # fmt: skip
         self.num_workers = num_workers or self._count_workers()
         self.url = f"http://127.0.0.1:{self.http_port}"
-        self.process: subprocess.Popen | None = None
 
-    def __enter__(self) -> LocalCluster:
-        command = [sys.executable, "-m", "disagg.cli", "serve", *self.args]
-        self.process = subprocess.Popen(command, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-        try:
-            wait_until(self._ready, START_TIMEOUT_S, "the cluster to start", interval_s=0.5)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "disagg.cli", "serve", *self.args]
 
     def cluster(self) -> dict:
         return get_json(f"{self.url}/cluster")
@@ -85,14 +132,7 @@ class LocalCluster:
     def completion(self, prompt: str | list[int], **fields: object) -> tuple[int, dict]:
         return post_json(f"{self.url}/v1/completions", {"prompt": prompt, **fields})
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=60)
-
-    def _ready(self) -> bool:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"disagg serve exited with {self.process.returncode}")
+    def is_up(self) -> bool:
         try:
             state = self.cluster()
         except OSError:

@@ -21,19 +21,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import httpx
 
-from bench.local_cluster import free_port, wait_until
+from bench.local_cluster import ServerProcess, free_port
 from disagg.model_loader import hf_model_dir
 
-START_TIMEOUT_S = 300.0
-STOP_GRACE_S = 10.0
 CACHE_BLOCKS = 64
 MAX_BATCH_TOKENS = 1024
 
@@ -46,23 +42,29 @@ def transformers_cli() -> Path:
     return script
 
 
-class TransformersServe:
+class TransformersServe(ServerProcess):
     """`with TransformersServe("default", "float32") as peer: peer.url, peer.extra_body`"""
 
+    what = "transformers serve"
+    stop_grace_s = 10.0
+
     def __init__(self, model: str, dtype: str, threads: int | None = None) -> None:
+        super().__init__()
         self.model_dir = str(hf_model_dir(model)[0])
         self.dtype = dtype
         self.threads = threads or os.cpu_count() or 1
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.extra_body = {
+        self._hub_cache = ""
+
+    @property
+    def extra_body(self) -> dict:
+        return {
             "model": self.model_dir,
             "ignore_eos": None,
             "stream_options": None,
             "generation_config": json.dumps({"eos_token_id": -1}),
         }
-        self.process: subprocess.Popen | None = None
-        self._hub_cache = ""
 
     def command(self) -> list[str]:
         return [
@@ -73,39 +75,21 @@ class TransformersServe:
             self.model_dir,
         ]  # fmt: skip
 
-    def __enter__(self) -> TransformersServe:
+    def env(self) -> dict[str, str]:
         # NOTE: an empty hub cache keeps /v1/models from failing on a missing one.
         self._hub_cache = tempfile.mkdtemp(prefix="disagg-peer-hub-")
-        env = os.environ | {
+        return super().env() | {
             "HF_HUB_CACHE": self._hub_cache,
             "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": str(self.threads),
         }
-        self.process = subprocess.Popen(self.command(), env=env)
-        try:
-            wait_until(self._ready, START_TIMEOUT_S, "transformers serve to start", 0.5)
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        shutil.rmtree(self._hub_cache, ignore_errors=True)
-
-    def _ready(self) -> bool:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"transformers serve exited with {self.process.returncode}")
+    def is_up(self) -> bool:
         try:
             return httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200
         except httpx.HTTPError:
             return False
+
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self._hub_cache, ignore_errors=True)

@@ -177,13 +177,14 @@ def mean_of(values: list[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def throughput(records: list[RequestRecord], per_request: list[RequestMetrics], slo: SLO) -> dict:
+def throughput(
+    passes: list[list[RequestRecord]], per_request: list[RequestMetrics], slo: SLO
+) -> dict:
     """Rates over the run's duration; goodput counts only requests meeting the SLO.
 
     With repeats, the duration is the passes' durations added up, so each rate is
     the pooled tokens (or requests) over the pooled time.
     """
-    passes = by_repeat(records)
     total_s = sum(duration_s(p) for p in passes)
     seconds = total_s or float("nan")
     ok = [m for m in per_request if m.is_ok]
@@ -224,9 +225,10 @@ def token_checks(records: list[RequestRecord]) -> dict:
 def summarize_run(records: list[RequestRecord], slo: SLO) -> dict:
     """The whole summary of one target's run, from its records alone."""
     counted = measured(records)
-    per_request = [request_metrics(r) for r in counted]
-    errors = Counter(r.error for r in counted if r.error is not None)
     passes = by_repeat(counted)
+    per_pass = [[request_metrics(r) for r in p] for p in passes]
+    per_request = [m for metrics in per_pass for m in metrics]
+    errors = Counter(r.error for r in counted if r.error is not None)
     return {
         "num_requests": len(counted),
         "repeats": len(passes),
@@ -234,12 +236,12 @@ def summarize_run(records: list[RequestRecord], slo: SLO) -> dict:
         "num_ok": sum(r.is_ok for r in counted),
         "num_errors": sum(errors.values()),
         "errors": {name: errors.get(name, 0) for name in ERROR_CLASSES},
-        **throughput(counted, per_request, slo),
+        **throughput(passes, per_request, slo),
         **latency_summaries(per_request),
         **token_checks(counted),
         "ttft_breakdown_ms": ttft_breakdown(counted),
         "ci95": confidence_intervals(
-            [[m for r, m in zip(counted, per_request) if r.repeat == p[0].repeat] for p in passes],
+            per_pass,
             [duration_s(p) for p in passes],
             slo,
         )
