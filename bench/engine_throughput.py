@@ -16,10 +16,10 @@ import time
 import torch
 
 from bench.report import write_report
-from disagg.device import resolve_device, resolve_dtype
-from disagg.engine import EngineConfig, LLMEngine
-from disagg.model_loader import LoadedModel, load_model
-from disagg.sampling_params import SamplingParams
+from disagg.engine.llm_engine import EngineConfig, LLMEngine
+from disagg.engine.sampling_params import SamplingParams
+from disagg.model.device import resolve_device, resolve_dtype
+from disagg.model.loader import LoadedModel, load_model
 
 WORDS = [
     *"the model of a system runs on every core and each request waits for its turn".split(),

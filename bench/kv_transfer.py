@@ -26,9 +26,9 @@ import torch
 import zmq
 
 from bench.report import write_report
-from disagg.kv_cache import KVLayout, PagedKVCache
-from disagg.kv_transfer import KVReceiver, KVSender
-from disagg.kv_wire import DTYPES, DoneHeader, LayerHeader, combine, frame_buffer
+from disagg.kv.cache import KVLayout, PagedKVCache
+from disagg.kv.transfer import KVReceiver, KVSender
+from disagg.kv.wire import DTYPES, DoneHeader, LayerHeader, combine, frame_buffer
 
 TIMEOUT_S = 120.0
 

@@ -124,7 +124,7 @@ class LocalCluster(ServerProcess):
         self.url = f"http://127.0.0.1:{self.http_port}"
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "disagg.cli", "serve", *self.args]
+        return [sys.executable, "-m", "launcher.cli", "serve", *self.args]
 
     def cluster(self) -> dict:
         return get_json(f"{self.url}/cluster")

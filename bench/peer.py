@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from bench.local_cluster import ServerProcess, free_port
-from disagg.model_loader import hf_model_dir
+from disagg.model.loader import hf_model_dir
 
 CACHE_BLOCKS = 64
 MAX_BATCH_TOKENS = 1024

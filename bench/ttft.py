@@ -19,7 +19,7 @@ import urllib.request
 
 from bench.local_cluster import LocalCluster
 from bench.report import write_report
-from disagg.model_loader import load_model_info
+from disagg.model.loader import load_model_info
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

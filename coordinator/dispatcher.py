@@ -20,11 +20,11 @@ import grpc
 
 from coordinator.admission import Admission
 from coordinator.registry import WorkerRecord, WorkerRegistry
+from disagg.engine.sampling_params import SamplingParams
+from disagg.engine.sequence import TokenLogprob
 from disagg.errors import DisaggError, InvalidRequestError
 from disagg.rpc import control_pb2 as pb
-from disagg.rpc_convert import logprob_to_proto, optional_logprob, sampling_to_proto
-from disagg.sampling_params import SamplingParams
-from disagg.sequence import TokenLogprob
+from disagg.rpc.convert import logprob_to_proto, optional_logprob, sampling_to_proto
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from coordinator.admission import Admission
 from coordinator.generation import Generator
 from coordinator.metrics import Metrics
 from coordinator.registry import WorkerRegistry
-from disagg.model_loader import ModelInfo
+from disagg.model.loader import ModelInfo
 
 SERVER_NAME = "disagg"
 SERVER_VERSION = "0.1.0"

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 from coordinator.dispatcher import Dispatcher, RequestTrace
 from coordinator.metrics import Metrics
+from disagg.engine.sampling_params import SamplingParams
+from disagg.engine.sequence import TokenLogprob
 from disagg.errors import InvalidRequestError
-from disagg.model_loader import ModelInfo
-from disagg.sampling_params import SamplingParams
-from disagg.sequence import TokenLogprob
-from disagg.tokenizer import TextStream
+from disagg.model.loader import ModelInfo
+from disagg.model.tokenizer import TextStream
 
 DEFAULT_TENANT = "default"
 

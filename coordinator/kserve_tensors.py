@@ -28,9 +28,9 @@ from typing import Any, Protocol
 
 from coordinator.dispatcher import RequestTrace
 from coordinator.generation import timings
+from disagg.engine.sampling_params import SamplingParams
 from disagg.errors import InvalidRequestError
-from disagg.sampling_params import SamplingParams
-from disagg.tokenizer import apply_chat_template, encode_prompt
+from disagg.model.tokenizer import apply_chat_template, encode_prompt
 
 MODEL_VERSION = "1"
 """The served model's only version."""

@@ -18,7 +18,7 @@ from coordinator.frontend import Frontend
 from coordinator.generation import Generator
 from coordinator.metrics import Metrics
 from coordinator.registry import RegistryService, WorkerRegistry
-from disagg.model_loader import load_model_info
+from disagg.model.loader import load_model_info
 from disagg.rpc import control_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from coordinator.generation import DEFAULT_TENANT, GenerationRequest
+from disagg.engine.sampling_params import SamplingParams
 from disagg.errors import InvalidRequestError
-from disagg.model_loader import ModelInfo
-from disagg.sampling_params import SamplingParams
-from disagg.tokenizer import apply_chat_template, encode_prompt
+from disagg.model.loader import ModelInfo
+from disagg.model.tokenizer import apply_chat_template, encode_prompt
 
 MAX_N = 16
 UNSUPPORTED_FIELDS = {

@@ -6,7 +6,7 @@ import time
 
 from coordinator.generation import Completion, TextChunk
 from coordinator.openai_protocol import ParsedRequest
-from disagg.sequence import TokenLogprob
+from disagg.engine.sequence import TokenLogprob
 
 
 def token_text(tokenizer: object, token_id: int) -> str:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import grpc
 
-from disagg.engine_loop import EngineLoop
+from decode_worker.kv_handles import FreeReason, HandleState, HandleTable
+from disagg.engine.sequence import Sequence
+from disagg.engine.worker_loop import EngineLoop
 from disagg.errors import InvalidRequestError
-from disagg.kv_handles import FreeReason, HandleState, HandleTable
-from disagg.prefill_result import PrefillResult, run_prefill
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc import control_pb2_grpc as pb_grpc
-from disagg.rpc_convert import sampling_from_proto
-from disagg.sequence import Sequence
+from disagg.rpc.convert import sampling_from_proto
+from disagg.rpc.prefill_reply import PrefillResult, run_prefill
 
 
 class InPlacePrefill(PrefillResult):

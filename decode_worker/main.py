@@ -7,14 +7,14 @@ import tempfile
 from dataclasses import dataclass
 
 from decode_worker.colocated import ColocatedPrefillService
+from decode_worker.kv_handles import HandleTable
 from decode_worker.service import DecodeService, SettleWaiters
-from disagg.engine import EngineConfig, LLMEngine
-from disagg.engine_loop import EngineLoop
-from disagg.kv_handles import HandleTable
-from disagg.kv_transfer import KVReceiver
+from disagg.engine.llm_engine import EngineConfig, LLMEngine
+from disagg.engine.worker_loop import EngineLoop
+from disagg.kv.transfer import KVReceiver
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc import control_pb2_grpc as pb_grpc
-from disagg.worker_process import WorkerConfig, apply_threads, serve_worker, watch_parent
+from disagg.rpc.worker_process import WorkerConfig, apply_threads, serve_worker, watch_parent
 
 
 @dataclass(frozen=True)

@@ -9,21 +9,21 @@ from dataclasses import dataclass
 
 import grpc
 
-from disagg.engine import LLMEngine
-from disagg.engine_loop import EngineLoop, SequenceListener
+from decode_worker.kv_handles import FreeReason, HandleHooks, HandleTable, KVHandle
+from disagg.engine.llm_engine import LLMEngine
+from disagg.engine.sampling_params import SamplingParams
+from disagg.engine.sequence import Sequence, SequenceStatus
+from disagg.engine.worker_loop import EngineLoop, SequenceListener
 from disagg.errors import InvalidRequestError, OutOfBlocksError
-from disagg.kv_handles import FreeReason, HandleHooks, HandleTable, KVHandle
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc import control_pb2_grpc as pb_grpc
-from disagg.rpc_convert import (
+from disagg.rpc.convert import (
     layout_to_proto,
     logprob_to_proto,
     optional_logprob,
     sampling_from_proto,
 )
-from disagg.sampling_params import SamplingParams
-from disagg.sequence import Sequence, SequenceStatus
-from disagg.thread_bridge import ThreadSafeQueue
+from disagg.rpc.thread_bridge import ThreadSafeQueue
 
 log = logging.getLogger(__name__)
 

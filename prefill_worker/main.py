@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from disagg.engine import EngineConfig, LLMEngine
-from disagg.engine_loop import EngineLoop
-from disagg.kv_transfer import KVSender
+from disagg.engine.llm_engine import EngineConfig, LLMEngine
+from disagg.engine.worker_loop import EngineLoop
+from disagg.kv.transfer import KVSender
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc import control_pb2_grpc as pb_grpc
-from disagg.worker_process import WorkerConfig, apply_threads, serve_worker, watch_parent
+from disagg.rpc.worker_process import WorkerConfig, apply_threads, serve_worker, watch_parent
 from prefill_worker.service import PrefillService
 
 

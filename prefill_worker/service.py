@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import grpc
 
-from disagg.engine import LLMEngine
-from disagg.engine_loop import EngineLoop
+from disagg.engine.llm_engine import LLMEngine
+from disagg.engine.sequence import Sequence
+from disagg.engine.worker_loop import EngineLoop
 from disagg.errors import InvalidRequestError
-from disagg.kv_transfer import KVSender
-from disagg.prefill_result import PrefillResult, run_prefill
+from disagg.kv.transfer import KVSender
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc import control_pb2_grpc as pb_grpc
-from disagg.rpc_convert import layouts_match, sampling_from_proto
-from disagg.sequence import Sequence
+from disagg.rpc.convert import layouts_match, sampling_from_proto
+from disagg.rpc.prefill_reply import PrefillResult, run_prefill
 
 
 class ShipKV(PrefillResult):

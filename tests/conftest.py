@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from disagg.model_loader import LoadedModel, load_model
+from disagg.model.loader import LoadedModel, load_model
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from disagg.model_loader import LoadedModel
+from disagg.model.loader import LoadedModel
 
 TINY_VOCAB = 512
 

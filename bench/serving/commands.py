@@ -39,7 +39,7 @@ DEFAULT_DURATION_CAP = 1000
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(model: str) -> Any:
     """The tokenizer of a `disagg` model spec (`default`, a .gguf, an HF directory)."""
-    from disagg.model_loader import load_model_info
+    from disagg.model.loader import load_model_info
 
     return load_model_info(model).tokenizer
 

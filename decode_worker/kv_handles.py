@@ -1,0 +1,274 @@
+"""KV handles: blocks a decode worker reserved for one request, and their lifecycle.
+
+    ALLOCATED ─layer─▶ RECEIVING ─all layers + checksum─▶ READY ─claim─▶ DECODING ─▶ FREED
+        └── timeout / checksum mismatch / prefill failed / cancelled ─▶ FAILED ─▶ FREED
+
+The table is the KV receiver's sink: arriving layers are written straight into
+the handle's blocks. Frames for a handle that is unknown, expired, freed or
+already complete are dropped and counted, never written. Until a handle is
+claimed its blocks belong to the table, which frees them on any failure or
+expiry; once claimed they belong to the decoding sequence, and the engine
+frees them when it finishes.
+
+Three threads touch a table (gRPC handlers, the KV receiver, the engine loop),
+so every state change holds one lock; hooks run outside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+
+from disagg.kv.block_manager import BlockManager
+from disagg.kv.cache import PagedKVCache
+from disagg.kv.wire import DoneHeader, LayerHeader, combine, dtype_name
+
+log = logging.getLogger(__name__)
+
+
+MAX_END_REASONS = 4096
+
+
+class HandleState(IntEnum):
+    ALLOCATED = 0
+    RECEIVING = 1
+    READY = 2
+    DECODING = 3
+    FAILED = 4
+    FREED = 5
+
+
+class FreeReason:
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    CHECKSUM_MISMATCH = "checksum_mismatch"
+    INCOMPLETE = "incomplete"
+    PREFILL_FAILED = "prefill_failed"
+    ERROR = "error"
+
+
+@dataclass
+class KVHandle:
+    handle_id: str
+    request_id: str
+    block_ids: list[int]
+    prompt_token_ids: list[int]
+    max_new_tokens: int
+    deadline_s: float
+    """time.monotonic() by which the handle must be READY (then: claimed), or it expires."""
+    state: HandleState = HandleState.ALLOCATED
+    tokens_per_layer: list[int] = field(default_factory=list)
+    checksum: int = 0
+    nbytes: int = 0
+    free_reason: str | None = None
+    settled: threading.Event = field(default_factory=threading.Event)
+    """Set once the handle is READY, or has failed: what Decode waits on."""
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+class HandleHooks:
+    """Called at each lifecycle transition; metrics and tests override what they need."""
+
+    def on_allocate(self, handle: KVHandle) -> None: ...
+
+    def on_layer_received(self, handle: KVHandle, layer: int, num_tokens: int) -> None: ...
+
+    def on_ready(self, handle: KVHandle) -> None: ...
+
+    def on_free(self, handle: KVHandle, reason: str) -> None: ...
+
+
+class HandleTable:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        kv_cache: PagedKVCache,
+        ready_timeout_s: float = 30.0,
+        claim_timeout_s: float = 30.0,
+        hooks: list[HandleHooks] | None = None,
+    ) -> None:
+        self.block_manager = block_manager
+        self.kv_cache = kv_cache
+        self.ready_timeout_s = ready_timeout_s
+        self.claim_timeout_s = claim_timeout_s
+        self.hooks = hooks or []
+        self.num_dropped_frames = 0
+        self._handles: dict[str, KVHandle] = {}
+        self._end_reasons: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    @property
+    def num_pending(self) -> int:
+        """Handles not yet claimed by a decoding sequence."""
+        with self._lock:
+            return sum(h.state != HandleState.DECODING for h in self._handles.values())
+
+    def get(self, handle_id: str) -> KVHandle | None:
+        return self._handles.get(handle_id)
+
+    def end_reason(self, handle_id: str) -> str | None:
+        """Why a recently ended handle ended, so a late caller hears more than 'unknown'."""
+        return self._end_reasons.get(handle_id)
+
+    def allocate(
+        self, request_id: str, prompt_token_ids: list[int], max_new_tokens: int
+    ) -> KVHandle:
+        """Reserve blocks for the prompt and every token it may generate (raises OutOfBlocksError).
+
+        NOTE: reserving the whole budget up front means a decoding sequence never
+        needs a block it cannot get, so the decode side never preempts.
+        """
+        num_tokens = len(prompt_token_ids) + max_new_tokens
+        block_ids = self.block_manager.allocate(self.block_manager.blocks_for(num_tokens))
+        handle = KVHandle(
+            handle_id=uuid.uuid4().hex,
+            request_id=request_id,
+            block_ids=block_ids,
+            prompt_token_ids=list(prompt_token_ids),
+            max_new_tokens=max_new_tokens,
+            deadline_s=time.monotonic() + self.ready_timeout_s,
+            tokens_per_layer=[0] * self.kv_cache.layout.num_layers,
+        )
+        with self._lock:
+            self._handles[handle.handle_id] = handle
+        self._call("on_allocate", handle)
+        return handle
+
+    # -- the KV receiver's sink ------------------------------------------
+
+    def on_layer(
+        self, header: LayerHeader, k: torch.Tensor, v: torch.Tensor, checksum: int
+    ) -> None:
+        """Write one layer's K/V for a token range into the handle's blocks. k, v: [n, Hkv, D]."""
+        with self._lock:
+            handle = self._handles.get(header.handle_id)
+            problem = self._layer_problem(handle, header)
+            if problem is not None:
+                self.num_dropped_frames += 1
+                # NOTE: debug, not warning: a cancelled request's in-flight frames land here
+                log.debug("dropped KV frame for handle %s: %s", header.handle_id, problem)
+                return
+            self.kv_cache.write_range(header.layer, handle.block_ids, header.start, k, v)
+            handle.state = HandleState.RECEIVING
+            handle.tokens_per_layer[header.layer] += header.end - header.start
+            handle.checksum = combine(handle.checksum, checksum)
+            handle.nbytes += k.numel() * k.element_size() * 2
+        self._call("on_layer_received", handle, header.layer, header.end - header.start)
+
+    def on_done(self, header: DoneHeader) -> None:
+        """The sender says every layer is out: READY if all arrived intact, else FAILED."""
+        with self._lock:
+            handle = self._handles.get(header.handle_id)
+            if handle is None or handle.state not in (HandleState.ALLOCATED, HandleState.RECEIVING):
+                self.num_dropped_frames += 1
+                return
+            complete = all(n == handle.num_prompt_tokens for n in handle.tokens_per_layer)
+            if not complete or header.num_tokens != handle.num_prompt_tokens:
+                reason = FreeReason.INCOMPLETE
+            elif header.checksum != handle.checksum:
+                reason = FreeReason.CHECKSUM_MISMATCH
+            else:
+                handle.state = HandleState.READY
+                handle.deadline_s = time.monotonic() + self.claim_timeout_s
+                reason = None
+        if reason is None:
+            handle.settled.set()
+            self._call("on_ready", handle)
+        else:
+            self.fail(handle.handle_id, reason)
+
+    def _layer_problem(self, handle: KVHandle | None, header: LayerHeader) -> str | None:
+        if handle is None:
+            return "unknown, expired or freed handle"
+        if handle.state not in (HandleState.ALLOCATED, HandleState.RECEIVING):
+            return f"handle is {handle.state.name}"
+        layout = self.kv_cache.layout
+        if not 0 <= header.layer < layout.num_layers:
+            return f"layer {header.layer} out of range"
+        if header.end > handle.num_prompt_tokens:
+            return f"token range ends at {header.end}, past the prompt"
+        if tuple(header.shape[1:]) != (layout.num_kv_heads, layout.head_dim):
+            return f"shape {header.shape} does not match the pool's layout"
+        if header.dtype != dtype_name(layout.dtype):
+            return f"dtype {header.dtype} is not the pool's {dtype_name(layout.dtype)}"
+        return None
+
+    # -- handing over and ending -----------------------------------------
+
+    def mark_ready(self, handle_id: str) -> None:
+        """The KV was computed in place (colocated): no transfer to wait for."""
+        with self._lock:
+            handle = self._handles[handle_id]
+            handle.state = HandleState.READY
+            handle.deadline_s = time.monotonic() + self.claim_timeout_s
+        handle.settled.set()
+        self._call("on_ready", handle)
+
+    def claim(self, handle_id: str) -> KVHandle | None:
+        """READY -> DECODING: the blocks now belong to the decoding sequence."""
+        with self._lock:
+            handle = self._handles.get(handle_id)
+            if handle is None or handle.state != HandleState.READY:
+                return None
+            handle.state = HandleState.DECODING
+            return handle
+
+    def fail(self, handle_id: str, reason: str) -> bool:
+        """FAILED, then FREED: blocks back to the pool, waiters woken."""
+        return self._end(handle_id, reason, failed=True)
+
+    def release(self, handle_id: str, reason: str = FreeReason.FINISHED) -> bool:
+        """FREED. Blocks go back to the pool unless a decoding sequence owns them."""
+        return self._end(handle_id, reason, failed=False)
+
+    def _end(self, handle_id: str, reason: str, failed: bool) -> bool:
+        with self._lock:
+            handle = self._handles.pop(handle_id, None)
+            if handle is None:
+                return False
+            owns_blocks = handle.state != HandleState.DECODING
+            handle.state = HandleState.FAILED if failed else HandleState.FREED
+            handle.free_reason = reason
+            self._end_reasons[handle_id] = reason
+            while len(self._end_reasons) > MAX_END_REASONS:
+                self._end_reasons.popitem(last=False)
+        if owns_blocks:
+            self.block_manager.free(handle.block_ids)
+        handle.state = HandleState.FREED
+        handle.settled.set()
+        self._call("on_free", handle, reason)
+        return True
+
+    def expire(self, now_s: float | None = None) -> list[str]:
+        """Free every handle not READY, or READY but unclaimed, past its deadline."""
+        now_s = time.monotonic() if now_s is None else now_s
+        with self._lock:
+            expired = [
+                h.handle_id
+                for h in self._handles.values()
+                if h.state != HandleState.DECODING and h.deadline_s <= now_s
+            ]
+        for handle_id in expired:
+            self.fail(handle_id, FreeReason.EXPIRED)
+        return expired
+
+    def _call(self, hook: str, *args: object) -> None:
+        for hooks in self.hooks:
+            try:
+                getattr(hooks, hook)(*args)
+            except Exception:  # a broken hook must not break the lifecycle
+                log.exception("handle hook %s failed", hook)

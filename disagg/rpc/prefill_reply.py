@@ -1,0 +1,89 @@
+"""The Prefill RPC's side of a prompt in the engine loop, shared by both kinds of prefill.
+
+A prefill worker ships each layer's K/V as it is computed and frees its own
+blocks afterwards; a colocated worker computes straight into the handle's
+blocks and has nothing to ship. Everything else (timings, the first token,
+failing the RPC when the sequence is aborted) is the same, and lives here.
+"""
+
+from __future__ import annotations
+
+import time
+
+from disagg.engine.sequence import Sequence
+from disagg.engine.worker_loop import EngineLoop, SequenceListener
+from disagg.rpc import control_pb2 as pb
+from disagg.rpc.convert import logprob_to_proto
+from disagg.rpc.thread_bridge import ThreadSafeFuture
+
+
+class PrefillAborted(Exception):
+    """The sequence left the engine before its prompt was computed."""
+
+
+class PrefillResult(SequenceListener):
+    def __init__(self) -> None:
+        self.future: ThreadSafeFuture[pb.PrefillResponse] = ThreadSafeFuture()
+        self._submitted_s = time.perf_counter()
+        self._started_s: float | None = None
+
+    # -- what differs between the two kinds -----------------------------
+
+    def ship(self, seq: Sequence, layer: int, start: int, end: int) -> None:
+        """Layer `layer` of tokens [start, end) is computed."""
+
+    def hand_over(self, seq: Sequence) -> tuple[int, int]:
+        """The prompt is computed: make its KV available; return (bytes moved, checksum)."""
+        return 0, 0
+
+    def abandon(self, seq: Sequence) -> None:
+        """The prompt will not complete."""
+
+    # -- the engine loop's calls ----------------------------------------
+
+    def on_layer(self, seq: Sequence, layer: int, start: int, end: int) -> None:
+        if self._started_s is None:
+            self._started_s = time.perf_counter()
+        self.ship(seq, layer, start, end)
+
+    def on_prefilled(self, seq: Sequence) -> None:
+        computed_s = time.perf_counter()
+        try:
+            nbytes, checksum = self.hand_over(seq)
+        except Exception as error:
+            self.abandon(seq)
+            self.future.set_exception(error)
+            return
+        started_s = self._started_s or computed_s
+        self.future.set_result(
+            pb.PrefillResponse(
+                first_token_id=seq.output_token_ids[0],
+                first_logprob=logprob_to_proto(
+                    seq.output_logprobs[0] if seq.output_logprobs else None
+                ),
+                queue_s=started_s - self._submitted_s,
+                prefill_s=computed_s - started_s,
+                transfer_s=time.perf_counter() - computed_s,
+                kv_bytes=nbytes,
+                kv_checksum=checksum,
+                finish_reason=seq.finish_reason or "",
+            )
+        )
+
+    def on_finished(self, seq: Sequence) -> None:
+        self.abandon(seq)
+        self.future.set_exception(PrefillAborted(f"prefill of {seq.request_id} was aborted"))
+
+    def on_error(self, seq: Sequence, error: Exception) -> None:
+        self.abandon(seq)
+        self.future.set_exception(error)
+
+
+async def run_prefill(loop: EngineLoop, seq: Sequence, result: PrefillResult) -> pb.PrefillResponse:
+    """Submit and wait; a cancelled RPC takes the sequence out of the engine."""
+    loop.prefill(seq, result)
+    try:
+        return await result.future
+    except BaseException:
+        loop.abort(seq)
+        raise

@@ -1,0 +1,608 @@
+"""KServe V2 REST: parsing and encoding in-process over an echoing fake cluster, then the
+real thing end to end (`disagg serve`, tritonclient.http, the real default model)."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from prometheus_client import generate_latest
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+
+from coordinator import kserve_rest
+from coordinator.admission import Admission, OverloadedError
+from coordinator.dispatcher import TokenUpdate, WorkerError
+from coordinator.errors import MAX_BODY_BYTES
+from coordinator.frontend import Frontend
+from coordinator.generation import Generator
+from coordinator.kserve_tensors import pack_bytes, unpack_bytes
+from coordinator.metrics import Metrics
+from disagg.model.loader import DEFAULT_MODEL_NAME, ModelInfo
+from disagg.model.tokenizer import encode_prompt
+from tests.cluster_harness import ServeProcess, post_json, wait_until
+from tests.helpers import reference_text
+
+MODEL = "fake-model"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+# ---------------------------------------------------------------------------------------------
+# In-process: the real Generator and routes over a fake dispatcher that echoes the prompt.
+
+
+class CharTokenizer:
+    """One token per character, so the echoed text is the prompt itself."""
+
+    chat_template = "fake"
+    eos_token_id = 0
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": [ord(c) for c in text]}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids)
+
+    def apply_chat_template(self, messages, tokenize=True, add_generation_prompt=True):
+        text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+        return [ord(c) for c in text]
+
+
+class EchoDispatcher:
+    """Generates the prompt back (cycling it when ignore_eos) and, like the real one, needs an
+    await to free a request's KV when it ends; counts the streams opened and the frees done."""
+
+    def __init__(
+        self, delay_s: float = 0.0, fail: Exception | None = None, fail_after: int = 0
+    ) -> None:
+        self.delay_s = delay_s
+        self.fail, self.fail_after = fail, fail_after
+        self.num_started = self.num_freed = self.num_tokens = 0
+
+    @property
+    def num_open(self) -> int:
+        return self.num_started - self.num_freed
+
+    async def generate(self, prompt_ids, params, trace):
+        self.num_started += 1
+        try:
+            trace.first_token_s = time.time()
+            trace.prefill_worker, trace.decode_worker = "prefill-1", "decode-1"
+            count = params.max_tokens if params.ignore_eos else len(prompt_ids)
+            count = min(count, params.max_tokens)
+            for i in range(count):
+                if self.fail is not None and i == self.fail_after:
+                    raise self.fail
+                await asyncio.sleep(self.delay_s)
+                self.num_tokens += 1
+                last = i + 1 == count
+                reason = ("length" if count == params.max_tokens else "stop") if last else None
+                yield TokenUpdate(prompt_ids[i % len(prompt_ids)], time.time(), None, reason)
+        finally:
+            await asyncio.sleep(0.005)  # the Free RPC: cancelling it would leak the blocks
+            self.num_freed += 1
+
+
+def make_frontend(dispatcher: EchoDispatcher | None = None, is_ready: bool = True) -> Frontend:
+    model = ModelInfo(MODEL, CharTokenizer(), max_model_len=512, eos_token_ids={0})
+    metrics = Metrics(MODEL)
+    registry = SimpleNamespace(healthy=lambda role: [role] if is_ready else [])
+    generator = Generator(dispatcher or EchoDispatcher(), model, metrics)
+    return Frontend(generator, model, MODEL, registry, Admission(), metrics)
+
+
+def make_client(frontend: Frontend) -> TestClient:
+    return TestClient(Starlette(routes=kserve_rest.routes(frontend)))
+
+
+@pytest.fixture
+def frontend() -> Frontend:
+    return make_frontend()
+
+
+@pytest.fixture
+def client(frontend) -> TestClient:
+    return make_client(frontend)
+
+
+def text_input(*texts: str, name: str = "text_input", **extra: object) -> dict:
+    return {"name": name, "datatype": "BYTES", "shape": [len(texts)], "data": list(texts), **extra}
+
+
+def infer(client: TestClient, body: dict | bytes, model: str = MODEL, **kwargs):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return client.post(f"/v2/models/{model}/infer", content=content, **kwargs)
+
+
+def infer_binary(client: TestClient, inputs: list, outputs: list | None = None, **params):
+    """A request as tritonclient.http encodes it, and the result as it decodes it."""
+    body, json_size = triton.InferenceServerClient.generate_request_body(
+        inputs, outputs=outputs, parameters=params
+    )
+    reply = client.post(
+        f"/v2/models/{MODEL}/versions/1/infer",
+        content=body,
+        headers={HEADER_LENGTH: str(json_size)},
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["content-type"] == "application/octet-stream"
+    return triton.InferenceServerClient.parse_response_body(
+        reply.content, header_length=int(reply.headers[HEADER_LENGTH])
+    )
+
+
+def test_server_and_model_metadata_and_health(client):
+    server = client.get("/v2").json()
+    assert server["name"] == "disagg" and "binary_tensor_data" in server["extensions"]
+    assert client.get("/v2/health/live").status_code == 200
+    assert client.get("/v2/health/ready").status_code == 200
+    for path in (f"/v2/models/{MODEL}", f"/v2/models/{MODEL}/versions/1"):
+        meta = client.get(path).json()
+        assert meta["name"] == MODEL and meta["versions"] == ["1"]
+        assert {"name": "text_input", "datatype": "BYTES", "shape": [-1]} in meta["inputs"]
+        assert [o["name"] for o in meta["outputs"]] == [
+            "text_output",
+            "finish_reason",
+            "token_count",
+        ]
+    assert client.get(f"/v2/models/{MODEL}/versions/1/ready").json()["ready"] is True
+
+
+def test_not_ready_is_503():
+    client = make_client(make_frontend(is_ready=False))
+    assert client.get("/v2/health/ready").status_code == 503
+    assert client.get(f"/v2/models/{MODEL}/ready").status_code == 503
+
+
+def test_json_batch_filters_outputs_and_reports_timings(client):
+    reply = infer(
+        client,
+        {
+            "id": "req-7",
+            "inputs": [text_input("hello", "hi", "hey there")],
+            "outputs": [{"name": "token_count"}, {"name": "text_output"}],
+            "parameters": {"max_tokens": 4, "temperature": 0},
+        },
+    )
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["id"] == "req-7" and body["model_name"] == MODEL and body["model_version"] == "1"
+    assert [o["name"] for o in body["outputs"]] == ["token_count", "text_output"]
+    assert body["outputs"][0] == {
+        "name": "token_count", "datatype": "INT64", "shape": [3], "data": [4, 2, 4],
+    }  # fmt: skip
+    assert body["outputs"][1]["data"] == ["hell", "hi", "hey "]
+    timings = body["parameters"]
+    assert timings["ttft_s"] >= 0 and timings["decode_worker"] == "decode-1"
+
+
+def test_binary_round_trip_with_tritonclients_own_encoding(client):
+    prompt = triton.InferInput("text_input", [2], "BYTES")
+    prompt.set_data_from_numpy(np.array(["héllo wörld".encode(), b"abc"], dtype=object))
+    max_tokens = triton.InferInput("max_tokens", [1], "INT32")
+    max_tokens.set_data_from_numpy(np.array([5], dtype=np.int32))
+    outputs = [
+        triton.InferRequestedOutput("text_output"),
+        triton.InferRequestedOutput("token_count"),
+    ]
+    result = infer_binary(client, [prompt, max_tokens], outputs, temperature=0)
+    assert result.as_numpy("text_output").tolist() == ["héllo".encode(), b"abc"]
+    assert result.as_numpy("token_count").tolist() == [5, 3]
+    assert result.get_output("finish_reason") is None
+
+
+def test_binary_data_output_and_mixed_outputs(client):
+    request = {"inputs": [text_input("abc")], "parameters": {"binary_data_output": True}}
+    reply = infer(client, request)
+    header_length = int(reply.headers[HEADER_LENGTH])
+    header = json.loads(reply.content[:header_length])
+    sizes = [o["parameters"]["binary_data_size"] for o in header["outputs"]]
+    assert sum(sizes) == len(reply.content) - header_length
+    assert unpack_bytes("x", reply.content[header_length:][: sizes[0]]) == [b"abc"]
+
+    request["outputs"] = [
+        {"name": "finish_reason", "parameters": {"binary_data": False}},
+        {"name": "text_output"},
+    ]
+    reply = infer(client, request)
+    header = json.loads(reply.content[: int(reply.headers[HEADER_LENGTH])])
+    assert header["outputs"][0]["data"] == ["stop"]
+    assert header["outputs"][1]["parameters"]["binary_data_size"] == 4 + 3
+
+
+def test_gzip_request_body(client):
+    body = json.dumps({"inputs": [text_input("zip")]}).encode()
+    reply = infer(client, gzip.compress(body), headers={"Content-Encoding": "gzip"})
+    assert reply.json()["outputs"][0]["data"] == ["zip"]
+
+
+WAYANG_CHAT = {
+    "id": "550e8400-e29b-41d4-a716-446655440001",
+    "model_name": "gpt-4",
+    "inputs": [
+        {
+            "name": "messages",
+            "shape": [3, 2],
+            "datatype": "BYTES",
+            "data": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "The capital of France is Paris."},
+                {"role": "user", "content": "What is its population?"},
+            ],
+        }
+    ],
+    "parameters": {"max_tokens": 150, "temperature": 0.5},
+}
+
+
+def test_messages_as_objects_with_a_loose_shape_or_as_json_strings(client):
+    reply = infer(client, WAYANG_CHAT)
+    assert reply.status_code == 200, reply.text
+    text = reply.json()["outputs"][0]["data"][0]
+    assert text.startswith("<system>You are a helpful assistant.<user>What is the capital")
+    as_strings = [json.dumps(m) for m in WAYANG_CHAT["inputs"][0]["data"]]
+    reply = infer(client, {**WAYANG_CHAT, "inputs": [text_input(*as_strings, name="messages")]})
+    assert reply.json()["outputs"][0]["data"][0] == text
+    messages = triton.InferInput("messages", [1], "BYTES")  # the whole list as one JSON string
+    messages.set_data_from_numpy(np.array([json.dumps(WAYANG_CHAT["inputs"][0]["data"])], object))
+    result = infer_binary(client, [messages], max_tokens=150)
+    assert result.as_numpy("text_output")[0].decode() == text
+
+
+def test_parameters_stop_tenant_and_per_input_parameters(client, frontend):
+    request = {
+        "inputs": [text_input("one, two, three", parameters={"max_tokens": 12})],
+        "parameters": {"max_tokens": 2, "stop": [", th"], "tenant_id": "acme-corp"},
+    }
+    body = infer(client, request).json()
+    assert body["outputs"][0]["data"] == ["one, two"]  # the input's max_tokens wins
+    assert body["outputs"][1]["data"] == ["stop"]
+    infer(client, {"inputs": [text_input("x")]}, headers={"X-Tenant-Id": "from-header"})
+    exposition = generate_latest(frontend.metrics.registry).decode()
+    assert 'tenant="acme-corp"' in exposition and 'tenant="from-header"' in exposition
+
+
+def test_generate_and_generate_stream_agree(client):
+    body = {"id": "g1", "text_input": "streaming text", "parameters": {"max_tokens": 9}}
+    reply = client.post(f"/v2/models/{MODEL}/generate", json=body).json()
+    assert reply["text_output"] == "streaming" and reply["finish_reason"] == "length"
+    assert reply["token_count"] == 9 and reply["id"] == "g1" and "ttft_s" in reply["parameters"]
+    stream = client.post(f"/v2/models/{MODEL}/versions/1/generate_stream", json=body)
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[6:]) for line in stream.text.split("\n\n") if line]
+    assert "".join(e["text_output"] for e in events) == reply["text_output"]
+    assert all("finish_reason" not in e for e in events[:-1])
+    assert events[-1]["finish_reason"] == "length" and "e2e_s" in events[-1]["parameters"]
+    top_level = {"text_input": "abcdef", "max_tokens": 3}  # TRT-LLM style: parameters as inputs
+    reply = client.post(f"/v2/models/{MODEL}/generate", json=top_level).json()
+    assert reply["text_output"] == "abc"
+
+
+def test_a_failure_mid_stream_ends_with_an_error_event():
+    client = make_client(
+        make_frontend(EchoDispatcher(fail=WorkerError("decode worker died"), fail_after=2))
+    )
+    body = {"text_input": "abcdef", "parameters": {"max_tokens": 5}}
+    reply = client.post(f"/v2/models/{MODEL}/generate_stream", json=body)
+    events = [json.loads(line[6:]) for line in reply.text.split("\n\n") if line]
+    assert events[0]["text_output"] == "a" and events[-1] == {"error": "decode worker died"}
+
+
+def binary_request(body: dict, tail: bytes, size: int | str | None = None) -> tuple[bytes, dict]:
+    header = json.dumps(body).encode()
+    return header + tail, {HEADER_LENGTH: str(len(header) if size is None else size)}
+
+
+def bin_input(size: int) -> dict:
+    return {"name": "text_input", "datatype": "BYTES", "shape": [1],
+            "parameters": {"binary_data_size": size}}  # fmt: skip
+
+
+GOOD = {"inputs": [text_input("hi")]}
+ERROR_CASES = [
+    # (method, path suffix, body, headers, status)
+    ("GET", "/v2/models/nope", None, {}, 404),
+    ("GET", f"/v2/models/{MODEL}/versions/2", None, {}, 404),
+    ("GET", f"/v2/models/{MODEL}/versions/2/ready", None, {}, 404),
+    ("POST", "/v2/models/nope/infer", GOOD, {}, 404),
+    ("POST", f"/v2/models/{MODEL}/versions/7/infer", GOOD, {}, 404),
+    ("POST", f"/v2/models/{MODEL}/nonsense", GOOD, {}, 404),
+    ("POST", "/v2/repository/index", {}, {}, 404),
+    ("POST", "infer", b"{not json", {}, 400),
+    ("POST", "infer", b"[1, 2]", {}, 400),
+    ("POST", "infer", {}, {}, 400),
+    ("POST", "infer", {"inputs": []}, {}, 400),
+    ("POST", "infer", {"inputs": ["text_input"]}, {}, 400),
+    ("POST", "infer", {"inputs": [{"name": "text_input", "shape": [1], "data": ["x"]}]}, {}, 400),
+    ("POST", "infer", {"inputs": [text_input("a", datatype="INT32", data=[1])]}, {}, 400),
+    ("POST", "infer", {"inputs": [text_input("a", datatype="STRING")]}, {}, 400),
+    ("POST", "infer", {"inputs": [text_input("a", shape=[2])]}, {}, 400),
+    ("POST", "infer", {"inputs": [text_input("a", shape="1")]}, {}, 400),
+    ("POST", "infer", {"inputs": [text_input("a", data=[5])]}, {}, 400),
+    (
+        "POST",
+        "infer",
+        {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1]}]},
+        {},
+        400,
+    ),  # fmt: skip
+    ("POST", "infer", {"inputs": [text_input("a", name="image")]}, {}, 400),
+    ("POST", "infer", {"inputs": [text_input("a"), text_input("b", name="prompt")]}, {}, 400),
+    ("POST", "infer", {"inputs": [text_input("a"), text_input("b")]}, {}, 400),
+    ("POST", "infer", {"inputs": [text_input("")]}, {}, 400),
+    ("POST", "infer", {"inputs": [text_input("a", name="messages")]}, {}, 400),
+    ("POST", "infer", {"inputs": [text_input('{"role": "x"}', name="messages")]}, {}, 400),
+    ("POST", "infer", {**GOOD, "outputs": [{"name": "logits"}]}, {}, 400),
+    ("POST", "infer", {**GOOD, "outputs": {"name": "text_output"}}, {}, 400),
+    ("POST", "infer", {**GOOD, "parameters": []}, {}, 400),
+    ("POST", "infer", {**GOOD, "parameters": {"temperature": -1}}, {}, 400),
+    ("POST", "infer", {**GOOD, "parameters": {"temperature": "hot"}}, {}, 400),
+    ("POST", "infer", {**GOOD, "parameters": {"max_tokens": "many"}}, {}, 400),
+    ("POST", "infer", {**GOOD, "parameters": {"max_tokens": 0}}, {}, 400),
+    ("POST", "infer", {**GOOD, "parameters": {"max_tokens": 1000}}, {}, 400),
+    ("POST", "infer", {**GOOD, "parameters": {"top_p": 1.5}}, {}, 400),
+    ("POST", "infer", {**GOOD, "parameters": {"top_k": 2**40}}, {}, 400),
+    ("POST", "infer", {**GOOD, "parameters": {"seed": -1}}, {}, 400),
+    ("POST", "infer", {**GOOD, "parameters": {"stop": 5}}, {}, 400),
+    ("POST", "infer", {**GOOD, "parameters": {"stop": [""]}}, {}, 400),
+    ("POST", "infer", {**GOOD, "parameters": {"ignore_eos": "maybe"}}, {}, 400),
+    ("POST", "infer", {**GOOD, "parameters": {"min_tokens": 99}}, {}, 400),
+    ("POST", "infer", {**GOOD, "parameters": {"tenant_id": 7}}, {}, 400),
+    ("POST", "infer", *binary_request({"inputs": [bin_input(6)]}, pack_bytes(["hi"]), "x"), 400),
+    ("POST", "infer", *binary_request({"inputs": [bin_input(6)]}, pack_bytes(["hi"]), 999), 400),
+    ("POST", "infer", *binary_request({"inputs": [bin_input(60)]}, pack_bytes(["hi"])), 400),
+    ("POST", "infer", *binary_request({"inputs": [bin_input(6)]}, pack_bytes(["hi"]) + b"!"), 400),
+    ("POST", "infer", *binary_request({"inputs": [bin_input(3)]}, b"\x09\x00\x00"), 400),
+    ("POST", "infer", *binary_request({"inputs": [bin_input(5)]}, b"\x09\x00\x00\x00a"), 400),
+    ("POST", "infer", *binary_request({"inputs": [bin_input(5)]}, b"\x01\x00\x00\x00\xff"), 400),
+    ("POST", "infer", b"\x1f\x8b garbage", {"Content-Encoding": "gzip"}, 400),
+    ("POST", "infer", json.dumps(GOOD).encode(), {"Content-Encoding": "br"}, 400),
+    ("POST", "generate", {"text_input": ["a", "b"]}, {}, 400),
+    ("POST", "generate", {"text_input": "a", "colour": "red"}, {}, 400),
+    ("POST", "generate", {"text_input": "a", "parameters": "fast"}, {}, 400),
+    ("POST", "generate", {"parameters": {"max_tokens": 3}}, {}, 400),
+    ("POST", "generate", {"text_input": 42}, {}, 400),
+    ("POST", "generate_stream", {"text_input": "a", "parameters": {"top_p": 0}}, {}, 400),
+    ("POST", "generate_stream", {"text_input": ""}, {}, 400),
+    ("POST", "generate_stream", b"\xff\xfe", {}, 400),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "headers", "status"), ERROR_CASES)
+def test_errors_are_json_with_the_right_status(
+    client, frontend, method, path, body, headers, status
+):
+    if not path.startswith("/"):
+        path = f"/v2/models/{MODEL}/{path}"
+    content = json.dumps(body).encode() if isinstance(body, dict) else body
+    reply = client.request(method, path, content=content, headers=headers)
+    assert reply.status_code == status, reply.text
+    assert isinstance(reply.json()["error"], str) and reply.json()["error"]
+    assert frontend.generator.dispatcher.num_open == 0
+    assert infer(client, GOOD).status_code == 200  # and the server still serves
+
+
+def test_bodies_over_the_limit_are_413(client):
+    too_big = b" " * (MAX_BODY_BYTES + 1)
+    assert infer(client, too_big).status_code == 413
+    chunked = iter([b" " * (1 << 20)] * 17)  # no Content-Length: counted as it arrives
+    reply = client.post(f"/v2/models/{MODEL}/infer", content=chunked)
+    assert reply.status_code == 413 and "error" in reply.json()
+    bomb = gzip.compress(b" " * (MAX_BODY_BYTES + 1))
+    assert infer(client, bomb, headers={"Content-Encoding": "gzip"}).status_code == 413
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [(OverloadedError("overloaded: 9 waiting", retry_after_s=3), 503), (WorkerError("gone"), 503)],
+)
+def test_overload_and_worker_failures_are_503(error, status):
+    client = make_client(make_frontend(EchoDispatcher(fail=error)))
+    reply = infer(client, GOOD)
+    assert reply.status_code == status and reply.json()["error"]
+    if isinstance(error, OverloadedError):
+        assert reply.headers["retry-after"] == "3"
+    stream = client.post(f"/v2/models/{MODEL}/generate_stream", json={"text_input": "hello"})
+    assert stream.status_code == status and stream.json()["error"]
+
+
+async def call_asgi(app, path: str, body: dict, disconnect_after_s: float) -> list[dict]:
+    """Drive the app like a server whose client leaves `disconnect_after_s` into the response."""
+    sent: list[dict] = []
+    messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop()
+        await asyncio.sleep(disconnect_after_s)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
+        "query_string": b"", "headers": [(b"content-type", b"application/json")],
+        "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+        "scheme": "http", "server": ("test", 80), "client": ("test", 1), "root_path": "",
+    }  # fmt: skip
+    await asyncio.wait_for(app(scope, receive, send), 10)
+    return sent
+
+
+@pytest.mark.parametrize("endpoint", ["infer", "generate", "generate_stream"])
+def test_a_client_that_leaves_cancels_the_generation(endpoint):
+    dispatcher = EchoDispatcher(delay_s=0.01)
+    app = Starlette(routes=kserve_rest.routes(make_frontend(dispatcher)))
+    params = {"max_tokens": 200, "ignore_eos": True}
+    body = (
+        {"inputs": [text_input("abc", "def")], "parameters": params}
+        if endpoint == "infer"
+        else {"text_input": "abc", "parameters": params}
+    )
+
+    async def scenario() -> list[dict]:
+        sent = await call_asgi(app, f"/v2/models/{MODEL}/{endpoint}", body, 0.2)
+        await asyncio.sleep(0.1)  # cleanup may finish in the background, but promptly
+        return sent
+
+    sent = asyncio.run(scenario())
+    assert dispatcher.num_started == (2 if endpoint == "infer" else 1)
+    assert dispatcher.num_open == 0, "a generation was not freed"
+    assert 0 < dispatcher.num_tokens < 200, "generation went on after the client left"
+    assert sent[0]["status"] in (200, 499)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: `disagg serve` with one prefill and one decode worker, the real default model.
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Photosynthesis is the process"]
+NEW_TOKENS = 16
+SERVED_NAME = DEFAULT_MODEL_NAME  # what `disagg serve` calls the default model
+
+
+@pytest.fixture(scope="module")
+def serve():
+    with ServeProcess("--prefill-workers", "1", "--decode-workers", "1") as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def expected(default_fp32) -> dict[str, str]:
+    tok = default_fp32.tokenizer
+    return {p: reference_text(default_fp32, encode_prompt(tok, p), NEW_TOKENS) for p in PROMPTS}
+
+
+def greedy_inputs(*prompts: str) -> list[triton.InferInput]:
+    tensor = triton.InferInput("text_input", [len(prompts)], "BYTES")
+    tensor.set_data_from_numpy(np.array([p.encode() for p in prompts], dtype=object))
+    return [tensor]
+
+
+GREEDY = {"max_tokens": NEW_TOKENS, "temperature": 0}
+
+
+@pytest.mark.slow
+def test_tritonclient_with_defaults_gets_transformers_greedy_text(serve, expected):
+    client = triton.InferenceServerClient(f"127.0.0.1:{serve.http_port}")
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(SERVED_NAME)
+    assert client.get_model_metadata(SERVED_NAME)["outputs"][0]["name"] == "text_output"
+    assert "generate" in client.get_server_metadata()["extensions"]
+    result = client.infer(
+        SERVED_NAME,
+        inputs=greedy_inputs(PROMPTS[0]),
+        outputs=[triton.InferRequestedOutput("text_output")],
+        parameters=GREEDY,
+    )
+    assert result.as_numpy("text_output")[0].decode() == expected[PROMPTS[0]]
+    batch = client.infer(SERVED_NAME, inputs=greedy_inputs(*PROMPTS), parameters=GREEDY)
+    texts = [t.decode() for t in batch.as_numpy("text_output")]
+    assert texts == [expected[p] for p in PROMPTS]
+    assert batch.as_numpy("token_count").tolist() == [NEW_TOKENS] * 3
+    assert batch.get_response()["parameters"]["kv_bytes"] > 0
+    serve.wait_all_blocks_free()
+
+
+@pytest.mark.slow
+def test_seed_bodies_as_written(serve):
+    wayang_prompt = {
+        "id": "550e8400-e29b-41d4-a716-446655440000",
+        "model_name": "llama3-8b",
+        "model_version": "1.0",
+        "inputs": [
+            {
+                "name": "prompt",
+                "shape": [1],
+                "datatype": "BYTES",
+                "data": ["Explain quantum computing in simple terms."],
+            }
+        ],
+        "parameters": {"max_tokens": 8, "temperature": 0.7, "top_p": 0.9, "tenant_id": "acme-corp"},
+    }
+    wayang_chat = {**WAYANG_CHAT, "parameters": {"max_tokens": 8, "temperature": 0.5}}
+    for body in (wayang_prompt, wayang_chat):
+        status, reply = post_json(f"{serve.url}/v2/models/{SERVED_NAME}/infer", body)
+        assert status == 200, reply
+        assert reply["id"] == body["id"]
+        text_output = next(o for o in reply["outputs"] if o["name"] == "text_output")
+        assert isinstance(text_output["data"][0], str) and text_output["data"][0]
+    serve.wait_all_blocks_free()
+
+
+@pytest.mark.slow
+def test_generate_and_generate_stream_over_the_cluster(serve, expected):
+    base = f"{serve.url}/v2/models/{SERVED_NAME}"
+    body = {"text_input": PROMPTS[1], "parameters": GREEDY}
+    status, reply = post_json(f"{base}/generate", body)
+    assert status == 200 and reply["text_output"] == expected[PROMPTS[1]]
+    events = list(sse_events(f"{base}/generate_stream", body))
+    assert "".join(e["text_output"] for e in events) == reply["text_output"]
+    assert events[-1]["finish_reason"] == reply["finish_reason"]
+    serve.wait_all_blocks_free()
+
+
+@pytest.mark.slow
+def test_bad_requests_over_every_endpoint_leak_nothing(serve):
+    base = f"{serve.url}/v2/models/{SERVED_NAME}"
+    cases = [
+        (f"{serve.url}/v2/models/nope/infer", GOOD, 404),
+        (f"{base}/versions/3/generate", {"text_input": "a"}, 404),
+        (f"{base}/infer", {"inputs": [text_input("a", shape=[3])]}, 400),
+        (f"{base}/infer", {**GOOD, "outputs": [{"name": "logits"}]}, 400),
+        (f"{base}/infer", {**GOOD, "parameters": {"max_tokens": 100000}}, 400),
+        (f"{base}/generate", {"text_input": "a", "parameters": {"temperature": -2}}, 400),
+        (f"{base}/generate_stream", {"text_input": "", "parameters": {}}, 400),
+        (f"{base}/generate_stream", {"prompt": "a", "parameters": {"top_k": -1}}, 400),
+    ]
+    for url, body, status in cases:
+        got, reply = post_json(url, body)
+        assert got == status and isinstance(reply["error"], str), (url, body, reply)
+    for url in (f"{base}/versions/2", f"{serve.url}/v2/models/nope/ready"):
+        with pytest.raises(urllib.error.HTTPError) as failure:
+            urllib.request.urlopen(url)
+        assert failure.value.code == 404 and json.load(failure.value)["error"]
+    serve.wait_all_blocks_free()
+
+
+@pytest.mark.slow
+def test_leaving_mid_stream_or_mid_infer_frees_the_kv(serve):
+    base = f"{serve.url}/v2/models/{SERVED_NAME}"
+    long = {"max_tokens": 1000, "ignore_eos": True, "temperature": 0}  # ~45 s if left to run
+    events = sse_events(f"{base}/generate_stream", {"text_input": "Once", "parameters": long})
+    next(events)
+    events.close()
+    request = json.dumps({"inputs": [text_input("Once upon")], "parameters": long}).encode()
+    with socket.create_connection(("127.0.0.1", serve.http_port)) as sock:
+        sock.sendall(
+            f"POST /v2/models/{SERVED_NAME}/infer HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(request)}\r\n\r\n".encode()
+            + request
+        )
+        wait_until(
+            lambda: any(w["load"] for w in serve.cluster()["workers"]), 30, "the infer to run"
+        )
+    try:
+        serve.wait_all_blocks_free(timeout_s=10)
+    except TimeoutError:
+        raise AssertionError(serve.cluster()) from None
+
+
+def sse_events(url: str, body: dict):
+    """The parsed `data:` events of an SSE response; closing the generator disconnects."""
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        for line in response:
+            if line.startswith(b"data: "):
+                yield json.loads(line[6:])

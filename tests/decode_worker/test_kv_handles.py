@@ -1,0 +1,140 @@
+"""The KV handle lifecycle on a real block manager and cache, without sockets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decode_worker.kv_handles import FreeReason, HandleHooks, HandleState, HandleTable
+from disagg.errors import OutOfBlocksError
+from disagg.kv.block_manager import BlockManager
+from disagg.kv.cache import KVLayout, PagedKVCache
+from disagg.kv.wire import DoneHeader, LayerHeader, combine, frame_checksum
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=4, block_size=4, dtype=torch.float32)
+
+
+class Recorder(HandleHooks):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def on_allocate(self, handle) -> None:
+        self.events.append(("allocate", handle.handle_id))
+
+    def on_layer_received(self, handle, layer, num_tokens) -> None:
+        self.events.append((f"layer{layer}", handle.handle_id))
+
+    def on_ready(self, handle) -> None:
+        self.events.append(("ready", handle.handle_id))
+
+    def on_free(self, handle, reason) -> None:
+        self.events.append((f"free:{reason}", handle.handle_id))
+
+
+@pytest.fixture
+def table_and_hooks() -> tuple[HandleTable, Recorder]:
+    manager = BlockManager(num_blocks=16, block_size=LAYOUT.block_size)
+    cache = PagedKVCache(LAYOUT, 16, torch.device("cpu"))
+    hooks = Recorder()
+    return HandleTable(manager, cache, ready_timeout_s=5, claim_timeout_s=5, hooks=[hooks]), hooks
+
+
+def send_prompt(table: HandleTable, handle, corrupt: bool = False) -> dict[int, tuple]:
+    """Deliver every layer of the handle's prompt as the receiver would; returns what was sent."""
+    n = handle.num_prompt_tokens
+    sent, checksum = {}, 0
+    for layer in range(LAYOUT.num_layers):
+        k, v = torch.randn(n, 2, 4), torch.randn(n, 2, 4)
+        header = LayerHeader(handle.handle_id, layer, 0, n, "float32", (n, 2, 4))
+        checksum = combine(checksum, frame_checksum(layer, 0, k, v))
+        received = k.clone()
+        if corrupt and layer == 1:
+            received[0, 0, 0] += 1.0
+        table.on_layer(header, received, v, frame_checksum(layer, 0, received, v))
+        sent[layer] = (k, v)
+    table.on_done(DoneHeader(handle.handle_id, n, LAYOUT.num_layers, checksum, 0))
+    return sent
+
+
+def test_full_lifecycle_writes_kv_into_the_handles_blocks(table_and_hooks):
+    table, hooks = table_and_hooks
+    handle = table.allocate("r1", list(range(6)), max_new_tokens=5)
+    assert len(handle.block_ids) == 3 and handle.state == HandleState.ALLOCATED
+    sent = send_prompt(table, handle)
+    assert handle.state == HandleState.READY and handle.settled.is_set()
+    for layer, (k, v) in sent.items():
+        slots = torch.tensor(table.kv_cache.slot_ids(handle.block_ids, 0, 6))
+        got_k, got_v = table.kv_cache.gather(layer, slots)
+        assert torch.equal(got_k, k) and torch.equal(got_v, v)
+    assert table.claim(handle.handle_id) is handle and handle.state == HandleState.DECODING
+    # a decoding sequence owns the blocks now: ending the handle must not free them
+    assert table.release(handle.handle_id)
+    assert table.block_manager.num_free_blocks == 16 - 3
+    table.block_manager.free(handle.block_ids)
+    names = [name for name, _ in hooks.events]
+    assert names == ["allocate", "layer0", "layer1", "ready", "free:finished"]
+
+
+def test_checksum_mismatch_fails_and_frees(table_and_hooks):
+    table, hooks = table_and_hooks
+    handle = table.allocate("r2", list(range(6)), max_new_tokens=2)
+    send_prompt(table, handle, corrupt=True)
+    assert handle.state == HandleState.FREED and handle.free_reason == FreeReason.CHECKSUM_MISMATCH
+    assert table.end_reason(handle.handle_id) == FreeReason.CHECKSUM_MISMATCH
+    assert table.claim(handle.handle_id) is None
+    assert table.block_manager.num_free_blocks == 16
+
+
+def test_frames_for_unknown_freed_or_complete_handles_are_dropped_not_written(table_and_hooks):
+    table, _ = table_and_hooks
+    stray = LayerHeader("nope", 0, 0, 2, "float32", (2, 2, 4))
+    table.on_layer(stray, torch.ones(2, 2, 4), torch.ones(2, 2, 4), 0)
+    handle = table.allocate("r3", list(range(4)), max_new_tokens=1)
+    send_prompt(table, handle)
+    late = LayerHeader(handle.handle_id, 0, 0, 4, "float32", (4, 2, 4))
+    before = table.kv_cache.k[0].clone()
+    table.on_layer(late, torch.full((4, 2, 4), 9.0), torch.zeros(4, 2, 4), 0)
+    past_prompt = LayerHeader(handle.handle_id, 0, 2, 6, "float32", (4, 2, 4))
+    table.on_layer(past_prompt, torch.ones(4, 2, 4), torch.ones(4, 2, 4), 0)
+    assert torch.equal(table.kv_cache.k[0], before)
+    assert table.num_dropped_frames == 3
+
+
+def test_incomplete_transfer_fails(table_and_hooks):
+    table, _ = table_and_hooks
+    handle = table.allocate("r4", list(range(4)), max_new_tokens=1)
+    table.on_done(DoneHeader(handle.handle_id, 4, LAYOUT.num_layers, 0, 0))
+    assert handle.free_reason == FreeReason.INCOMPLETE
+    assert table.block_manager.num_free_blocks == 16
+
+
+def test_handles_never_ready_or_never_claimed_expire(table_and_hooks):
+    table, hooks = table_and_hooks
+    waiting = table.allocate("r5", list(range(4)), max_new_tokens=1)
+    ready = table.allocate("r6", list(range(4)), max_new_tokens=1)
+    send_prompt(table, ready)
+    assert table.expire(now_s=waiting.deadline_s - 1) == []
+    expired = table.expire(now_s=max(waiting.deadline_s, ready.deadline_s) + 1)
+    assert set(expired) == {waiting.handle_id, ready.handle_id}
+    assert table.block_manager.num_free_blocks == 16 and len(table) == 0
+    assert ("free:expired", ready.handle_id) in hooks.events
+
+
+def test_allocation_beyond_the_pool_is_out_of_blocks_and_changes_nothing(table_and_hooks):
+    table, _ = table_and_hooks
+    with pytest.raises(OutOfBlocksError):
+        table.allocate("big", list(range(60)), max_new_tokens=10)
+    assert len(table) == 0 and table.block_manager.num_free_blocks == 16
+
+
+def test_a_failing_hook_does_not_break_the_lifecycle(table_and_hooks):
+    table, _ = table_and_hooks
+
+    class Broken(HandleHooks):
+        def on_ready(self, handle) -> None:
+            raise RuntimeError("boom")
+
+    table.hooks.append(Broken())
+    handle = table.allocate("r7", list(range(4)), max_new_tokens=1)
+    send_prompt(table, handle)
+    assert handle.state == HandleState.READY
