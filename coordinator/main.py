@@ -20,6 +20,7 @@ from coordinator.metrics import Metrics
 from coordinator.registry import RegistryService, WorkerRegistry
 from disagg.model.loader import load_model_info
 from disagg.rpc import control_pb2_grpc as pb_grpc
+from disagg.rpc.health import INFERENCE_SERVICE, REGISTRY_SERVICE, ServerHealth
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,18 @@ async def run(config: CoordinatorConfig) -> None:
 
     control = grpc.aio.server()
     pb_grpc.add_RegistryServicer_to_server(RegistryService(registry, model.name), control)
+    control_health = ServerHealth(control, [REGISTRY_SERVICE])
+    await control_health.start()
     control.add_insecure_port(f"{config.host}:{config.control_port}")
     await control.start()
+    control_health.follow(lambda: True)  # registrations are welcome from the start
     inference = grpc.aio.server()
     kserve_grpc.add_to_server(inference, frontend)
+    inference_health = ServerHealth(inference, [INFERENCE_SERVICE])
+    await inference_health.start()
     inference.add_insecure_port(f"{config.host}:{config.grpc_port}")
     await inference.start()
+    inference_health.follow(lambda: frontend.is_ready)
 
     app = build_app(frontend)
     http = uvicorn.Server(
@@ -109,6 +116,8 @@ async def run(config: CoordinatorConfig) -> None:
     await asyncio.wait(
         [serving, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
     )
+    await inference_health.stop()
+    await control_health.stop()
     http.should_exit = True
     await serving
     sweeper.cancel()

@@ -33,6 +33,8 @@ class WorkerRegistration:
         self._channel = grpc.aio.insecure_channel(coordinator)
         self._stub = pb_grpc.RegistryStub(self._channel)
         self._task: asyncio.Task | None = None
+        self.is_registered = False
+        """The coordinator answered our last Register or Heartbeat knowing us (readiness)."""
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="heartbeat")
@@ -51,7 +53,9 @@ class WorkerRegistration:
                 reply = await self._stub.Heartbeat(self.status(), timeout=RPC_TIMEOUT_S)
             except grpc.aio.AioRpcError as error:
                 log.warning("heartbeat to %s failed: %s", self.coordinator, error.code())
+                self.is_registered = False
                 continue
+            self.is_registered = reply.known
             if not reply.known:
                 interval_s = await self._register()
 
@@ -60,6 +64,7 @@ class WorkerRegistration:
         while True:
             try:
                 reply = await self._stub.Register(self.info, timeout=RPC_TIMEOUT_S)
+                self.is_registered = True
                 log.info("registered %s with %s", self.info.worker_id, self.coordinator)
                 return reply.heartbeat_interval_s or 1.0
             except grpc.aio.AioRpcError as error:

@@ -15,6 +15,7 @@ import grpc
 import torch
 
 from disagg.rpc import control_pb2 as pb
+from disagg.rpc.health import ROLE_SERVICES, ServerHealth
 from disagg.rpc.registration import WorkerRegistration
 
 log = logging.getLogger(__name__)
@@ -75,10 +76,13 @@ async def serve_worker(
     """Serve until SIGTERM/SIGINT; `info.address` is filled in with the bound port."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     add_services(server)
+    health = ServerHealth(server, ROLE_SERVICES[info.role])
+    await health.start()
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
     info.address = f"{config.advertise_host}:{port}"
     registration = WorkerRegistration(config.coordinator, info, status)
+    health.follow(lambda: registration.is_registered)
     await registration.start()
     print(f"disagg {info.role} worker {info.worker_id} serving gRPC on {info.address}", flush=True)
     stop = asyncio.Event()
@@ -87,6 +91,7 @@ async def serve_worker(
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("stopping %s", info.worker_id)
+    await health.stop()
     await registration.stop()
     await server.stop(grace=1.0)
     on_stop()
