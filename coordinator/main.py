@@ -18,6 +18,7 @@ from coordinator.frontend import Frontend
 from coordinator.generation import Generator
 from coordinator.metrics import Metrics
 from coordinator.registry import RegistryService, WorkerRegistry
+from disagg import tracing
 from disagg.model.loader import load_model_info
 from disagg.rpc import control_pb2_grpc as pb_grpc
 from disagg.rpc.health import INFERENCE_SERVICE, REGISTRY_SERVICE, ServerHealth
@@ -68,6 +69,7 @@ def enable_request_log() -> None:
 
 async def run(config: CoordinatorConfig) -> None:
     enable_request_log()
+    tracing.setup("disagg-coordinator")
     model = load_model_info(config.model)
     served_name = config.served_model_name or model.name
     registry = WorkerRegistry(config.heartbeat_interval_s, config.heartbeat_timeout_s)
@@ -94,7 +96,7 @@ async def run(config: CoordinatorConfig) -> None:
     await inference.start()
     inference_health.follow(lambda: frontend.is_ready)
 
-    app = build_app(frontend)
+    app = tracing.traced_asgi(build_app(frontend))
     http = uvicorn.Server(
         uvicorn.Config(
             app, host=config.host, port=config.http_port, log_level="warning", lifespan="off"

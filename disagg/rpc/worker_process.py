@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from disagg import tracing
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc.health import ROLE_SERVICES, ServerHealth
 from disagg.rpc.registration import WorkerRegistration
@@ -74,6 +75,7 @@ async def serve_worker(
     on_stop: Callable[[], None],
 ) -> None:
     """Serve until SIGTERM/SIGINT; `info.address` is filled in with the bound port."""
+    tracing.setup(f"disagg-{info.role}-worker")
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     add_services(server)
     health = ServerHealth(server, ROLE_SERVICES[info.role])
