@@ -63,7 +63,9 @@ async def worker_scenario() -> None:
     worker = asyncio.create_task(
         serve_worker(config, info, lambda server: None, status, stopped.set)
     )
+    deadline = time.monotonic() + DEADLINE_S
     while not info.address:
+        assert time.monotonic() < deadline and not worker.done(), "the worker never served"
         await asyncio.sleep(0.01)
     async with grpc.aio.insecure_channel(info.address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -89,7 +91,9 @@ async def worker_scenario() -> None:
 
         watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
         assert (await watch.read()).status == SERVING
-        os.kill(os.getpid(), signal.SIGTERM)  # serve_worker's handler takes it
+        # serve_worker's handler takes it; without one, SIGTERM would end the test run
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        os.kill(os.getpid(), signal.SIGTERM)
         assert (await watch.read()).status == NOT_SERVING, "stopping is announced first"
         watch.cancel()
     await asyncio.wait_for(worker, DEADLINE_S)
