@@ -129,5 +129,5 @@ class ConstraintSpec:
                 is_parallel=bool(body.get("parallel", True)),
                 param="constraint",
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidRequestError(f"malformed constraint: {exc}", "constraint") from exc
