@@ -1,20 +1,24 @@
 """Turning a `ConstraintSpec` into a compiled grammar for one tokenizer, with xgrammar.
 
-Why xgrammar (measured on this project's CPU, SmolLM2 tokenizer, vocab 49152, batch 16,
-one torch thread, float32 logits; bench/grammar_mask.py and the comparison in the grammar
-package's README section of the report):
+Why xgrammar. The three engines on PyPI with CPU wheels (xgrammar 0.2.9, llguidance 1.9.1,
+outlines-core 0.2.14) were run on this project's CPU (AMD EPYC, avx2+fma, 2 shared cores,
+one torch thread) with the default model's tokenizer (SmolLM2, vocab 49152): 16 sequences
+decoded together under each of six schemas, masks filled per row every step.
 
-- per-token mask fill for 16 rows: xgrammar 0.10-1.5 ms, llguidance 0.5-1.4 ms,
-  outlines-core 0.07-6.9 ms (slow in open strings, where ~all tokens are allowed);
-- compile: xgrammar 1-70 ms per schema (cached by schema), llguidance lazily at matcher
-  creation, outlines-core 100-900 ms (a regex DFA over the whole vocabulary);
-- tokenizer set-up, once per process: xgrammar 2-3.5 s, llguidance 8-15 s, outlines-core 1 s;
-- JSON Schema coverage on nested objects, arrays (minItems/maxItems), enums, integer and
-  number bounds, required/optional and string patterns: xgrammar and llguidance cover all
-  (llguidance admits extra properties unless told otherwise); outlines-core ignores
-  `minimum`/`maximum` (it generated `{"age":-82}` for `minimum: 18`).
-- xgrammar alone also has structural tags (text with triggered, schema-checked tool calls),
-  which is how `tool_choice: auto` is enforced without forbidding free text.
+- Mask fill per step, 16 rows: xgrammar 0.10-1.5 ms, llguidance 0.5-1.4 ms, outlines-core
+  0.07-6.9 ms (slow inside open strings, where almost every token is allowed).
+- Compile per schema: xgrammar 1-70 ms (then cached per process), llguidance lazily when a
+  matcher is made, outlines-core 100-900 ms (a regex automaton over the whole vocabulary).
+- Tokenizer set-up, once per process: xgrammar 2-3.5 s, llguidance 8-15 s, outlines-core 1 s.
+- Coverage (nested objects, arrays with minItems/maxItems, enums, integer and number bounds,
+  required/optional, string patterns): xgrammar held every output valid; llguidance covers
+  the keywords but admits properties the schema does not list unless each schema is
+  rewritten; outlines-core ignores minimum/maximum (it produced `{"age":-82}` under
+  `"minimum": 18`).
+- Only xgrammar has structural tags (free text with triggered, schema-checked tool calls),
+  which is how `tool_choice: auto` is enforced without forbidding text.
+
+The masking cost inside a batch is measured by `python -m bench.grammar_mask`.
 
 NOTE: the GGUF-converted SmolLM2 tokenizer marks only ids 0-2 as special, so ids 3-16
 (`<repo_name>`, `<file_sep>`, ...) would be ordinary text to a grammar engine and could be
@@ -69,9 +73,8 @@ class GrammarCompiler:
                 _ANY_OBJECT, any_whitespace=False, strict_mode=False
             )
         if spec.kind == "json_schema":
-            return self._compiler.compile_json_schema(
-                json.dumps(spec.schema, sort_keys=True), any_whitespace=False
-            )
+            # NOTE: never sort keys: properties are generated in the schema's own order.
+            return self._compiler.compile_json_schema(json.dumps(spec.schema), any_whitespace=False)
         if spec.kind == "regex":
             return self._compiler.compile_regex(spec.regex)
         if spec.kind == "choice":

@@ -111,7 +111,8 @@ class ConstraintSpec:
             body["tools"] = [{"name": t.name, "parameters": t.parameters} for t in self.tools]
             body["required"] = self.is_tool_call_required
             body["parallel"] = self.is_parallel
-        return json.dumps(body, separators=(",", ":"), sort_keys=True)
+        # NOTE: keys keep their order: a schema's properties are generated in that order.
+        return json.dumps(body, separators=(",", ":"))
 
     @classmethod
     def from_wire(cls, text: str) -> ConstraintSpec:

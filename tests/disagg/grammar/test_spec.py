@@ -66,3 +66,9 @@ def test_malformed_wire_strings_are_rejected(wire):
 
 def test_tool_call_prefix_escapes_the_name():
     assert tool_call_prefix('we"ird') == '<tool_call>\n{"name": "we\\"ird", "arguments": '
+
+
+def test_wire_keeps_the_order_of_schema_properties():
+    schema = {"type": "object", "properties": {"z": {}, "a": {}, "m": {}}}
+    rebuilt = ConstraintSpec.from_wire(ConstraintSpec("json_schema", schema=schema).to_wire())
+    assert list(rebuilt.schema["properties"]) == ["z", "a", "m"]
