@@ -4,10 +4,17 @@ A `GrammarState` wraps an xgrammar `GrammarMatcher` (a pushdown automaton over b
 the per-state token masks precomputed at compile time; Dong et al., "XGrammar", 2024).
 
 Across the split the decode worker rebuilds the state: it compiles the same wire spec (cached
-per process) and replays the tokens generated so far (`GrammarState.from_tokens`), which is one
-token after a prefill and every output token after a migration or preemption. xgrammar cannot
-serialize a matcher, only a compiled grammar; shipping that instead of the spec was measured
-(bench/grammar_mask.py --rebuild) and not chosen: see `disagg.grammar` for the numbers.
+per process) and replays the tokens generated so far (`GrammarState.from_tokens`): one token
+after a prefill, every output token after a migration or preemption. xgrammar cannot serialize
+a matcher, only a compiled grammar, so the alternative is shipping that with the KV handle.
+Measured by `python -m bench.grammar_mask` (one thread, a four-property nested schema):
+
+- wire spec 369 bytes; compiled grammar serialized 54,723 bytes;
+- cached compile, then replay of 1 or of 33 tokens: 0.14-0.30 ms (noise exceeds the gap);
+- deserializing the shipped grammar 24-29 ms, as long as compiling it cold (24-29 ms).
+
+So the spec travels and the state is rebuilt: 150x fewer bytes, and after a worker's first
+request for a schema, ~100x faster than deserializing.
 """
 
 from __future__ import annotations
