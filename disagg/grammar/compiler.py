@@ -5,20 +5,21 @@ outlines-core 0.2.14) were run on this project's CPU (AMD EPYC, avx2+fma, 2 shar
 one torch thread) with the default model's tokenizer (SmolLM2, vocab 49152): 16 sequences
 decoded together under each of six schemas, masks filled per row every step.
 
-- Mask fill per step, 16 rows: xgrammar 0.10-1.5 ms, llguidance 0.5-1.4 ms, outlines-core
-  0.07-6.9 ms (slow inside open strings, where almost every token is allowed).
-- Compile per schema: xgrammar 1-70 ms (then cached per process), llguidance lazily when a
-  matcher is made, outlines-core 100-900 ms (a regex automaton over the whole vocabulary).
-- Tokenizer set-up, once per process: xgrammar 2-3.5 s, llguidance 8-15 s, outlines-core 1 s.
+- Mask fill per step, 16 rows (median): xgrammar 0.06-0.19 ms, llguidance 0.10-0.15 ms,
+  outlines-core 0.07-1.6 ms (slow inside open strings, where almost every token is allowed).
+- Compile per schema: xgrammar 0.6-26 ms (then cached per process), llguidance 26-41 ms
+  (when its matchers are made), outlines-core 83-388 ms (a regex automaton over the vocabulary).
+- Tokenizer set-up, once per process: xgrammar 1-3.5 s, llguidance 8-15 s, outlines-core 1-2 s.
 - Coverage (nested objects, arrays with minItems/maxItems, enums, integer and number bounds,
-  required/optional, string patterns): xgrammar held every output valid; llguidance covers
-  the keywords but admits properties the schema does not list unless each schema is
-  rewritten; outlines-core ignores minimum/maximum (it produced `{"age":-82}` under
-  `"minimum": 18`).
+  required/optional, string patterns): every xgrammar output that finished validated, and
+  enum/bounds/pattern finished 16/16; llguidance admits properties the schema does not list
+  (so 6-9/16 there ran on into extra keys) unless each schema is rewritten; outlines-core
+  ignores minimum/maximum (0/16 on bounds: it produced `{"age":-82}` under `"minimum": 18`).
 - Only xgrammar has structural tags (free text with triggered, schema-checked tool calls),
   which is how `tool_choice: auto` is enforced without forbidding text.
 
-The masking cost inside a batch is measured by `python -m bench.grammar_mask`.
+Reproduce with `python -m bench.grammar_engines`; the cost inside a batch is measured by
+`python -m bench.grammar_mask`.
 
 NOTE: the GGUF-converted SmolLM2 tokenizer marks only ids 0-2 as special, so ids 3-16
 (`<repo_name>`, `<file_sep>`, ...) would be ordinary text to a grammar engine and could be

@@ -5,6 +5,12 @@ with xgrammar's kernel restricted to those row indices, so a batch with no gramm
 list scan and nothing else, and unconstrained rows in a mixed batch keep their logits bit for
 bit. A forbidden token's logit becomes -inf, so greedy argmax, temperature, top-k and top-p all
 act on the allowed tokens only.
+
+Cost (`python -m bench.grammar_mask`, batch 16, one thread): 0 constrained rows 0.008 ms;
+1 row 0.2-0.4 ms; 16 rows 0.5 ms with free strings but 11.6 ms when strings carry maxLength,
+whose per-position states xgrammar checks token by token at run time. If that matters, the
+fill loop is the place for xgrammar's `BatchGrammarMatcher` (threads) or to overlap the
+fill with the model's forward, as vLLM does.
 """
 
 from __future__ import annotations
