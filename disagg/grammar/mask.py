@@ -31,14 +31,18 @@ class TokenMasker:
         self._bitmask = xgr.allocate_token_bitmask(max_num_rows, vocab_size)  # [R, ceil(V/32)]
 
     def apply(self, logits: torch.Tensor, states: Sequence[GrammarState | None]) -> list[int]:
-        """Mask logits [B, V'] in place (V' >= vocab_size); returns the rows that were masked.
+        """Mask logits [B, V] in place; returns the rows that were masked.
 
         states[i] is row i's grammar or None. A terminated grammar masks nothing: its sequence
-        has ended, and the caller finishes it without sampling again.
+        has ended, and the caller finishes it without sampling again. V must be the model's
+        full (padded) vocabulary, the size the grammar was compiled for, so that padding ids
+        are masked too; anything else is a ValueError.
         """
         rows = [i for i, s in enumerate(states) if s is not None and not s.is_terminated]
         if not rows:
             return rows
+        if logits.shape[-1] != self.vocab_size:
+            raise ValueError(f"logits have {logits.shape[-1]} columns, grammars {self.vocab_size}")
         self._grow(len(states))
         for row in rows:
             states[row].fill_bitmask(self._bitmask, row)

@@ -256,3 +256,10 @@ def test_compile_errors_are_bad_requests_naming_the_field(compiler, spec, messag
         compiler.compile(spec)
     assert info.value.param == spec.param
     assert "/project/" not in info.value.message
+
+
+def test_logits_of_another_width_are_refused(compiler):
+    state = GrammarState(compiler.compile(ConstraintSpec("json_object")))
+    with pytest.raises(ValueError, match="columns"):
+        TokenMasker(VOCAB_SIZE, 1).apply(torch.zeros(1, VOCAB_SIZE + 64), [state])
+    TokenMasker(VOCAB_SIZE, 1).apply(torch.zeros(1, VOCAB_SIZE + 64), [None])  # nothing to do
