@@ -273,3 +273,49 @@ def test_an_unclosed_call_keeps_its_arguments():
 def test_a_tag_without_a_call_header_is_content():
     text = "<tool_call>" + "x" * (MAX_HEADER_CHARS + 1)
     assert parse_tool_calls(text) == (text, [])
+
+
+def _chunk(index: int, delta: dict, finish_reason: str | None = None) -> dict:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+    return {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "m",
+        "choices": [choice],
+    }
+
+
+@pytest.mark.parametrize("size", [1, 5])
+def test_the_openai_sdk_stream_helper_assembles_the_same_calls(size):
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    tools = [
+        WEATHER,
+        {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
+    ]
+    state = ChatCompletionStreamState(input_tools=tools)
+    state.handle_chunk(ChatCompletionChunk.model_validate(_chunk(0, {"role": "assistant"})))
+    parser = ToolCallParser(_ids())
+    pieces = [TWO_CALLS[i : i + size] for i in range(0, len(TWO_CALLS), size)]
+    for delta in [*(parser.push(p) for p in pieces), parser.finish()]:
+        body = {"content": delta.content} if delta.content else {}
+        if delta.tool_calls:
+            body["tool_calls"] = delta.tool_calls
+        if body:
+            state.handle_chunk(ChatCompletionChunk.model_validate(_chunk(0, body)))
+    state.handle_chunk(ChatCompletionChunk.model_validate(_chunk(0, {}, "tool_calls")))
+    message = state.get_final_completion().choices[0].message
+    _, expected = parse_tool_calls(TWO_CALLS, _ids())
+    assembled = [
+        {
+            "id": c.id,
+            "type": c.type,
+            "function": {"name": c.function.name, "arguments": c.function.arguments},
+        }
+        for c in message.tool_calls
+    ]
+    assert assembled == expected
+    assert json.loads(message.tool_calls[0].function.arguments) == {"city": "Paris"}
+    assert message.content.strip() == "Let me check."
