@@ -18,6 +18,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from disagg.ports import check_free
+
 STARTUP_TIMEOUT_S = 600.0
 STOP_GRACE_S = 10.0
 
@@ -147,7 +149,15 @@ def registered_workers(url: str) -> int:
         return 0
 
 
+def check_ports(plan: ClusterPlan) -> None:
+    """Fail before starting any process if a port is taken (the coordinator checks again)."""
+    check_free(plan.host, plan.http_port, "--http-port")
+    check_free(plan.host, plan.grpc_port, "--grpc-port")
+    check_free(plan.host, plan.control_port, "--control-port")
+
+
 def serve(plan: ClusterPlan) -> int:
+    check_ports(plan)
     cluster = Cluster(plan)
     signal.signal(signal.SIGTERM, cluster.request_stop)
     signal.signal(signal.SIGINT, cluster.request_stop)

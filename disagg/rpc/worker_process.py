@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from disagg.ports import add_grpc_port, grpc_server
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc.registration import WorkerRegistration
 
@@ -73,9 +74,9 @@ async def serve_worker(
     on_stop: Callable[[], None],
 ) -> None:
     """Serve until SIGTERM/SIGINT; `info.address` is filled in with the bound port."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc_server()
     add_services(server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = add_grpc_port(server, config.host, config.port, "--port")
     await server.start()
     info.address = f"{config.advertise_host}:{port}"
     registration = WorkerRegistration(config.coordinator, info, status)
