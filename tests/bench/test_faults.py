@@ -93,7 +93,8 @@ def test_only_a_local_worker_process_of_the_role_may_be_signalled():
         [sys.executable, "-c", "import time; time.sleep(60)", "launcher.cli", "decode-worker"]
     )
     try:
-        assert is_worker_process(process.pid, "decode")
+        # NOTE: until the child has exec'd, /proc shows the parent's command line.
+        wait_until(lambda: is_worker_process(process.pid, "decode"), 10, "the child to exec")
         assert is_worker_process(process.pid, "colocated"), "colocated runs decode-worker"
         assert not is_worker_process(process.pid, "prefill")
     finally:
