@@ -161,6 +161,14 @@ class Cluster:
     def request_stop(self, *_: object) -> None:
         self._stop.set()
 
+    def summary(self) -> str | None:
+        """What the supervisor did over the cluster's life, if anything."""
+        restarts, given_up = self.supervisor.num_restarts, self.supervisor.given_up
+        if not restarts and not given_up:
+            return None
+        gave_up = f"; gave up on {', '.join(given_up)}" if given_up else ""
+        return f"{restarts} worker restart(s){gave_up}"
+
     def stop(self) -> None:
         if self.coordinator is not None and self.coordinator.poll() is None:
             self.coordinator.send_signal(signal.SIGTERM)
@@ -207,3 +215,6 @@ def serve(plan: ClusterPlan) -> int:
         return cluster.wait()
     finally:
         cluster.stop()
+        summary = cluster.summary()
+        if summary:
+            print(f"disagg serve: stopped after {summary}", file=sys.stderr, flush=True)

@@ -127,8 +127,6 @@ class Supervisor:
     clock: Callable[[], float] = time.monotonic
     report: Callable[[str], None] = report_to_stderr
     children: dict[str, Child] = field(init=False)
-    events: list[str] = field(default_factory=list, init=False)
-    """Everything reported, in order."""
     num_restarts: int = field(default=0, init=False)
     _is_stopping: bool = field(default=False, init=False)
 
@@ -189,7 +187,7 @@ class Supervisor:
         child.restart_at_s = None
         self.num_restarts += 1
         self._start(child)
-        self._report(f"{child.name} restarted as {child.worker_id} (pid {child.process.pid})")
+        self.report(f"{child.name} restarted as {child.worker_id} (pid {child.process.pid})")
 
     def _start(self, child: Child) -> None:
         child.epoch += 1
@@ -212,23 +210,19 @@ class Supervisor:
             child.num_startup_crashes += 1
             if child.num_startup_crashes >= self.policy.max_startup_crashes:
                 child.is_given_up = True
-                self._report(
+                self.report(
                     f"{what} before registering, {child.num_startup_crashes} times in a row; "
                     f"giving up on {child.name}"
                 )
                 return
         delay_s = self.policy.backoff_s(child.num_crashes)
         child.restart_at_s = now_s + delay_s
-        self._report(f"{what}; restarting {child.name} in {delay_s:.1f} s")
+        self.report(f"{what}; restarting {child.name} in {delay_s:.1f} s")
 
     def _on_clean_exit(self, child: Child, what: str, now_s: float) -> None:
         if self.policy.restart_clean_exits:
             child.restart_at_s = now_s
-            self._report(f"{what} after draining; restarting {child.name}")
+            self.report(f"{what} after draining; restarting {child.name}")
             return
         child.is_stopped = True
-        self._report(f"{what} after draining; not restarted")
-
-    def _report(self, message: str) -> None:
-        self.events.append(message)
-        self.report(message)
+        self.report(f"{what} after draining; not restarted")
