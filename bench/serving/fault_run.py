@@ -58,7 +58,7 @@ def fault_lines(events: list[FaultEvent]) -> list[str]:
         back = (
             f"replacement registered after {event.recovered_after_s:.1f} s"
             if event.recovered_after_s is not None
-            else "no replacement registered during the run"
+            else "no replacement registered in time"
         )
         victim = f"{event.worker_id} (pid {event.pid})"
         lines.append(f"  {event.at_s:7.1f} s  {event.spec}: {victim}; {back}")

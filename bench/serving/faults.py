@@ -12,7 +12,8 @@ The victim is the busiest worker of the role in the target's `/cluster`
 `pid` the coordinator lists; it is signalled only if that pid is a local
 disagg worker process of that role. After each fault the injector polls
 `/cluster` until a worker of the role registered under a new id (the
-supervisor's restart), and records that as the fault's recovery time.
+supervisor's restart), and records that as the fault's recovery time; after
+the run it keeps watching, up to `recovery_grace_s`, for the last ones.
 """
 
 from __future__ import annotations
@@ -135,10 +136,13 @@ class FaultInjector:
     url: str
     specs: list[FaultSpec]
     horizon_s: float = 3600.0
-    """Faults are planned up to this long after the start; `stop()` ends them sooner."""
+    """Faults are planned up to this long after the start; leaving `with` ends them sooner."""
+    recovery_grace_s: float = 300.0
+    """After the run, how long to keep watching for the last faults' replacements."""
     events: list[FaultEvent] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _stopped_s: float = 0.0
 
     def __enter__(self) -> FaultInjector:
         self._start_s = time.monotonic()
@@ -147,6 +151,8 @@ class FaultInjector:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        """No more faults; wait up to `recovery_grace_s` for the last ones' replacements."""
+        self._stopped_s = time.monotonic()
         self._stop.set()
         self._thread.join()
 
@@ -157,7 +163,11 @@ class FaultInjector:
         """Every POLL_S: fire the faults that are due, then look for recoveries."""
         plan = self._plan()
         waiting: list[tuple[FaultEvent, set[str]]] = []
-        while plan or waiting:
+        while True:
+            if self._stop.is_set():
+                plan = []
+                if not waiting or time.monotonic() > self._stopped_s + self.recovery_grace_s:
+                    return
             now_s = time.monotonic() - self._start_s
             while plan and plan[0][0] <= now_s:
                 event, before = self._fire(plan.pop(0)[1])
@@ -165,8 +175,7 @@ class FaultInjector:
                 if event.pid is not None:
                     waiting.append((event, before))
             waiting = [(e, before) for e, before in waiting if not self._has_recovered(e, before)]
-            if self._stop.wait(POLL_S):
-                return
+            time.sleep(POLL_S)
 
     def _fire(self, spec: FaultSpec) -> tuple[FaultEvent, set[str]]:
         """Signal the victim; also returns the role's worker ids at that moment."""

@@ -112,7 +112,7 @@ def test_the_report_counts_lost_requests_and_says_what_each_fault_did():
     ]
     lines = fault_lines(events)
     assert "decode-0-e1 (pid 41); replacement registered after 6.5 s" in lines[0]
-    assert "no replacement registered during the run" in lines[1]
+    assert "no replacement registered in time" in lines[1]
     assert "skipped (no live decode worker)" in lines[2]
     assert recovery_summary(events).startswith(
         "recovery (fault to replacement registered): p50 6.5 s"
@@ -180,6 +180,27 @@ def test_the_injector_kills_the_worker_then_times_its_replacement():
         (event,) = injector.events
         assert (event.worker_id, event.pid, event.skipped) == ("decode-0-e1", victim.pid, "")
         assert event.recovered_after_s > 0
+    finally:
+        victim.kill()
+        victim.wait()
+        cluster.close()
+
+
+def test_after_the_run_the_injector_still_times_a_late_replacement():
+    cluster = FakeCluster()
+    victim = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "launcher.cli", "prefill-worker"]
+    )
+    try:
+        cluster.workers = [worker("prefill-0-e1", "prefill", 0, pid=victim.pid)]
+        late = threading.Timer(
+            1.0, lambda: setattr(cluster, "workers", [worker("p-e2", "prefill", 0)])
+        )
+        with FaultInjector(cluster.url, [parse_fault("term:prefill@at=0s")]) as injector:
+            assert victim.wait(timeout=30) == -signal.SIGTERM
+            late.start()
+        (event,) = injector.events
+        assert event.recovered_after_s >= 1.0
     finally:
         victim.kill()
         victim.wait()
