@@ -20,7 +20,7 @@ SUBCOMMANDS = [
      kv_transfer.add_arguments, kv_transfer.main),
     ("ttft", "one long request: disaggregated vs colocated", ttft.add_arguments, ttft.main),
     ("run", "drive OpenAI-compatible targets with one workload",
-     serving.add_run_arguments, serving.run_main),
+     serving.add_run_command_arguments, serving.run_main),
     ("sweep", "one run per rate or concurrency, curves out",
      serving_sweep.add_sweep_arguments, serving_sweep.sweep_main),
     ("search", "highest request rate meeting an SLO (goodput)",

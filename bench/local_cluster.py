@@ -61,6 +61,8 @@ class ServerProcess:
 
     def __init__(self) -> None:
         self.process: subprocess.Popen | None = None
+        self.stderr_path: str | None = None
+        """When set, the child's stderr goes to this file instead of ours."""
 
     @property
     def extra_body(self) -> dict:
@@ -77,7 +79,10 @@ class ServerProcess:
         raise NotImplementedError
 
     def __enter__(self):
-        self.process = subprocess.Popen(self.command(), env=self.env())
+        stderr = open(self.stderr_path, "w") if self.stderr_path else None  # noqa: SIM115
+        self.process = subprocess.Popen(self.command(), env=self.env(), stderr=stderr)
+        if stderr is not None:
+            stderr.close()  # the child holds its own copy
         try:
             wait_until(self._ready, START_TIMEOUT_S, f"{self.what} to start", interval_s=0.5)
         except BaseException:

@@ -25,6 +25,8 @@ def build_app(frontend: Frontend) -> Starlette:
                 "role": w.info.role,
                 "address": w.info.address,
                 "healthy": True,
+                "draining": w.is_draining,
+                "pid": w.info.pid,
                 "load": w.load,
                 "free_kv_blocks": w.free_kv_blocks,
                 "total_kv_blocks": w.info.total_kv_blocks,

@@ -7,7 +7,6 @@ import logging
 import signal
 from dataclasses import dataclass
 
-import grpc
 import uvicorn
 
 from coordinator import kserve_grpc
@@ -20,6 +19,7 @@ from coordinator.metrics import Metrics
 from coordinator.registry import RegistryService, WorkerRegistry
 from disagg import tracing
 from disagg.model.loader import load_model_info
+from disagg.ports import add_grpc_port, bind_tcp, grpc_server
 from disagg.rpc import control_pb2_grpc as pb_grpc
 from disagg.rpc.health import INFERENCE_SERVICE, REGISTRY_SERVICE, ServerHealth
 
@@ -70,6 +70,12 @@ def enable_request_log() -> None:
 async def run(config: CoordinatorConfig) -> None:
     enable_request_log()
     tracing.setup("disagg-coordinator")
+    # NOTE: every port is taken before the model loads, so a second cluster fails at once.
+    http_socket = bind_tcp(config.host, config.http_port, "--http-port")
+    control = grpc_server()
+    add_grpc_port(control, config.host, config.control_port, "--control-port")
+    inference = grpc_server()
+    add_grpc_port(inference, config.host, config.grpc_port, "--grpc-port")
     model = load_model_info(config.model)
     served_name = config.served_model_name or model.name
     registry = WorkerRegistry(config.heartbeat_interval_s, config.heartbeat_timeout_s)
@@ -81,18 +87,14 @@ async def run(config: CoordinatorConfig) -> None:
         Generator(dispatcher, model, metrics), model, served_name, registry, admission, metrics
     )
 
-    control = grpc.aio.server()
     pb_grpc.add_RegistryServicer_to_server(RegistryService(registry, model.name), control)
     control_health = ServerHealth(control, [REGISTRY_SERVICE])
     await control_health.start()
-    control.add_insecure_port(f"{config.host}:{config.control_port}")
     await control.start()
     control_health.follow(lambda: True)  # registrations are welcome from the start
-    inference = grpc.aio.server()
     kserve_grpc.add_to_server(inference, frontend)
     inference_health = ServerHealth(inference, [INFERENCE_SERVICE])
     await inference_health.start()
-    inference.add_insecure_port(f"{config.host}:{config.grpc_port}")
     await inference.start()
     inference_health.follow(lambda: frontend.is_ready)
 
@@ -104,7 +106,7 @@ async def run(config: CoordinatorConfig) -> None:
     )
     http.install_signal_handlers = lambda: None  # we handle signals for both servers
     sweeper = asyncio.create_task(registry.run_sweeper())
-    serving = asyncio.create_task(http.serve())
+    serving = asyncio.create_task(http.serve(sockets=[http_socket]))
     print(
         f"disagg coordinator: HTTP on {config.host}:{config.http_port}, KServe gRPC on "
         f"{config.host}:{config.grpc_port}, control on {config.host}:{config.control_port}, "

@@ -33,6 +33,8 @@ class WorkerRecord:
     """Blocks this coordinator allocated on the worker since its last heartbeat."""
     prompt_tokens_in_flight: int = 0
     """Prompt tokens this coordinator has sent the worker and not yet had back."""
+    is_draining: bool = False
+    """The worker is finishing its sequences before it exits: place nothing new on it."""
     decode: pb_grpc.DecodeWorkerStub = field(init=False)
     prefill: pb_grpc.PrefillWorkerStub = field(init=False)
 
@@ -79,12 +81,17 @@ class WorkerRegistry:
         record.free_kv_blocks = request.free_kv_blocks
         record.reserved_blocks = 0
         record.load = request.load
+        record.is_draining = request.draining
         self._changed()
         return True
 
     def healthy(self, role: str) -> list[WorkerRecord]:
-        """Workers that can do `role` ("prefill" or "decode")."""
-        return [w for w in self._workers.values() if w.info.role in ROLES_FOR[role]]
+        """Workers that can take new work in `role` ("prefill" or "decode"): not draining."""
+        return [
+            w
+            for w in self._workers.values()
+            if w.info.role in ROLES_FOR[role] and not w.is_draining
+        ]
 
     def all(self) -> list[WorkerRecord]:
         return list(self._workers.values())

@@ -136,6 +136,7 @@ def run_serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         kv_transport=args.kv_transport,
         worker_threads=args.worker_threads,
+        restart_drained=args.restart_drained,
     )
     return serve(plan)
 
@@ -161,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(serve, "--decode-workers", type=int, default=1)
     add_option(serve, "--kv-transport", default="ipc", choices=["tcp", "ipc"])
     add_option(serve, "--worker-threads", type=int, default=0, help="0 = split cores evenly")
+    add_option(
+        serve, "--restart-drained", action="store_true", help="restart workers SIGTERM drained"
+    )
     serve.set_defaults(func=run_serve)
 
     coordinator = commands.add_parser("coordinator", help="the front door and scheduler")

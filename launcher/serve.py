@@ -1,5 +1,7 @@
 """`disagg serve`: the whole cluster on this machine, one OS process per role.
 
+A worker that crashes is restarted (see launcher/supervisor.py); one that
+SIGTERM drained exits 0 and stays down unless `--restart-drained` is given.
 Children get the launcher's pid in DISAGG_PARENT_PID and exit if it dies, so
 even a SIGKILLed launcher leaves no orphans; Ctrl-C or SIGTERM stops them all
 (SIGTERM, then SIGKILL after a grace period).
@@ -18,8 +20,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from disagg.ports import check_free
+from launcher.supervisor import RestartPolicy, Supervisor
+
 STARTUP_TIMEOUT_S = 600.0
 STOP_GRACE_S = 10.0
+REGISTRY_CHECK_S = 1.0
+"""How often a restarted worker's registration is looked for."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,8 @@ class ClusterPlan:
     total_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     worker_threads: int = 0
     """torch threads per worker; 0 splits the machine's cores evenly between workers."""
+    restart_drained: bool = False
+    """Restart a worker that exited 0 after SIGTERM drained it (a rolling restart)."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("disaggregated", "colocated"):
@@ -86,37 +95,63 @@ class ClusterPlan:
 
 
 class Cluster:
-    def __init__(self, plan: ClusterPlan) -> None:
+    """The coordinator plus supervised workers.
+
+    NOTE: during start-up any exit is fatal (a bad flag or model fails fast);
+    once every worker has registered, the supervisor restarts crashed ones.
+    The coordinator is not restarted: its exit ends `disagg serve`.
+    """
+
+    def __init__(self, plan: ClusterPlan, policy: RestartPolicy | None = None) -> None:
         self.plan = plan
-        self.processes: dict[str, subprocess.Popen] = {}
+        self.coordinator: subprocess.Popen | None = None
+        env = os.environ | {"DISAGG_PARENT_PID": str(os.getpid())}
+        workers = [(name, cmd) for name, cmd in plan.commands() if name != "coordinator"]
+        self.supervisor = Supervisor(
+            workers,
+            spawn=lambda command: subprocess.Popen(command, env=env),
+            policy=policy or RestartPolicy(restart_clean_exits=plan.restart_drained),
+        )
+        self._env = env
+        self._url = f"http://127.0.0.1:{plan.http_port}/cluster"
         self._stop = threading.Event()
 
+    @property
+    def processes(self) -> dict[str, subprocess.Popen]:
+        """The coordinator and each worker's current process, by name."""
+        return {"coordinator": self.coordinator, **self.supervisor.processes}
+
     def start(self) -> None:
-        env = os.environ | {"DISAGG_PARENT_PID": str(os.getpid())}
-        for name, command in self.plan.commands():
-            self.processes[name] = subprocess.Popen(command, env=env)
+        command = dict(self.plan.commands())["coordinator"]
+        self.coordinator = subprocess.Popen(command, env=self._env)
+        self.supervisor.start()
 
     def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> bool:
         """Until every worker has registered; False if a process died or time ran out."""
         deadline = time.monotonic() + timeout_s
-        url = f"http://127.0.0.1:{self.plan.http_port}/cluster"
         while time.monotonic() < deadline and not self._stop.is_set():
             dead = [name for name, p in self.processes.items() if p.poll() is not None]
             if dead:
                 print(f"disagg serve: {', '.join(dead)} exited during start-up", file=sys.stderr)
                 return False
-            if registered_workers(url) >= self.plan.num_workers:
+            worker_ids = registered_worker_ids(self._url)
+            self.supervisor.mark_registered(worker_ids)
+            if len(worker_ids) >= self.plan.num_workers:
                 return True
             self._stop.wait(0.5)
         return False
 
     def wait(self) -> int:
-        """Until a signal, or until the coordinator exits; returns its exit code (0 on a signal)."""
-        coordinator = self.processes["coordinator"]
+        """Supervise until a signal or the coordinator's exit; its exit code (0 on a signal)."""
+        next_check_s = 0.0
         while not self._stop.is_set():
-            if coordinator.poll() is not None:
-                return coordinator.returncode
-            self._stop.wait(0.5)
+            if self.coordinator.poll() is not None:
+                return self.coordinator.returncode
+            self.supervisor.poll()
+            if time.monotonic() >= next_check_s and self.supervisor.has_unregistered:
+                self.supervisor.mark_registered(registered_worker_ids(self._url))
+                next_check_s = time.monotonic() + REGISTRY_CHECK_S
+            self._stop.wait(0.2)
         return 0
 
     @property
@@ -126,28 +161,44 @@ class Cluster:
     def request_stop(self, *_: object) -> None:
         self._stop.set()
 
+    def summary(self) -> str | None:
+        """What the supervisor did over the cluster's life, if anything."""
+        restarts, given_up = self.supervisor.num_restarts, self.supervisor.given_up
+        if not restarts and not given_up:
+            return None
+        gave_up = f"; gave up on {', '.join(given_up)}" if given_up else ""
+        return f"{restarts} worker restart(s){gave_up}"
+
     def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for process in self.processes.values():
+        if self.coordinator is not None and self.coordinator.poll() is None:
+            self.coordinator.send_signal(signal.SIGTERM)
+        self.supervisor.stop(STOP_GRACE_S)
+        if self.coordinator is not None:
             try:
-                process.wait(max(0.1, deadline - time.monotonic()))
+                self.coordinator.wait(STOP_GRACE_S)
             except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+                self.coordinator.kill()
+                self.coordinator.wait()
 
 
-def registered_workers(url: str) -> int:
+def registered_worker_ids(url: str) -> list[str]:
+    """The worker ids the coordinator at `url` (its /cluster) lists; none if it cannot be asked."""
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
-            return len(json.load(response)["workers"])
+            return [w["worker_id"] for w in json.load(response)["workers"]]
     except (urllib.error.URLError, OSError, ValueError, KeyError):
-        return 0
+        return []
+
+
+def check_ports(plan: ClusterPlan) -> None:
+    """Fail before starting any process if a port is taken (the coordinator checks again)."""
+    check_free(plan.host, plan.http_port, "--http-port")
+    check_free(plan.host, plan.grpc_port, "--grpc-port")
+    check_free(plan.host, plan.control_port, "--control-port")
 
 
 def serve(plan: ClusterPlan) -> int:
+    check_ports(plan)
     cluster = Cluster(plan)
     signal.signal(signal.SIGTERM, cluster.request_stop)
     signal.signal(signal.SIGINT, cluster.request_stop)
@@ -164,3 +215,6 @@ def serve(plan: ClusterPlan) -> int:
         return cluster.wait()
     finally:
         cluster.stop()
+        summary = cluster.summary()
+        if summary:
+            print(f"disagg serve: stopped after {summary}", file=sys.stderr, flush=True)

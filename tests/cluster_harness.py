@@ -36,7 +36,7 @@ class ServeProcess(LocalCluster):
     def __enter__(self) -> ServeProcess:
         super().__enter__()
         for worker in self.cluster()["workers"]:
-            self.worker_pids[worker["worker_id"]] = int(worker["worker_id"].rsplit("-", 1)[1])
+            self.worker_pids[worker["worker_id"]] = worker["pid"]
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -17,6 +17,8 @@ from bench.serving.datasets import (
     load_sharegpt,
     load_trace,
 )
+from bench.serving.fault_run import print_fault_table, run_with_faults
+from bench.serving.faults import parse_fault
 from bench.serving.lengths import parse_length
 from bench.serving.report import run_plots
 from bench.serving.runner import (
@@ -96,6 +98,18 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="a progress line on stderr (default: when stderr is a terminal)",
     )
     parser.add_argument("-o", "--output", type=Path, required=True, help="run directory")
+
+
+def add_run_command_arguments(parser: argparse.ArgumentParser) -> None:
+    """`disagg-bench run`'s options: the shared ones, plus fault injection (run only)."""
+    add_run_arguments(parser)
+    parser.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        help="ACTION:ROLE@at=T|every=T, e.g. kill:decode@every=10s (repeatable); "
+        "each target then runs twice, without and with the faults",
+    )
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -205,10 +219,15 @@ def print_result(result: TargetResult) -> None:
 
 def run_main(args: argparse.Namespace) -> int:
     try:
+        faults = [parse_fault(spec) for spec in args.fault]
         plan, targets = build_plan(args)
     except ValueError as error:
         print(f"disagg-bench run: error: {error}", file=sys.stderr)
         return 2
+    if faults:
+        rows = run_with_faults(plan, targets, faults, args.output, run_config(args), args.progress)
+        print_fault_table(rows)
+        return 0
     results = run_all(plan, targets, args.output, run_config(args), print_result, args.progress)
     print_table([(r.target.name, r.summary) for r in results])
     run_plots(args.output, args.slo)

@@ -35,6 +35,8 @@ class WorkerRegistration:
         self._task: asyncio.Task | None = None
         self.is_registered = False
         """The coordinator answered our last Register or Heartbeat knowing us (readiness)."""
+        self.is_draining = False
+        """Every heartbeat from now on says so (see disagg/rpc/drain.py)."""
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="heartbeat")
@@ -45,12 +47,27 @@ class WorkerRegistration:
             await asyncio.gather(self._task, return_exceptions=True)
         await self._channel.close()
 
+    async def leave_rotation(self) -> bool:
+        """Report `draining` at once rather than at the next beat; False if the call failed."""
+        self.is_draining = True
+        try:
+            await self._stub.Heartbeat(self._status(), timeout=RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError as error:
+            log.warning("draining heartbeat to %s failed: %s", self.coordinator, error.code())
+            return False
+        return True
+
+    def _status(self) -> pb.HeartbeatRequest:
+        request = self.status()
+        request.draining = self.is_draining
+        return request
+
     async def _run(self) -> None:
         interval_s = await self._register()
         while True:
             await asyncio.sleep(interval_s)
             try:
-                reply = await self._stub.Heartbeat(self.status(), timeout=RPC_TIMEOUT_S)
+                reply = await self._stub.Heartbeat(self._status(), timeout=RPC_TIMEOUT_S)
             except grpc.aio.AioRpcError as error:
                 log.warning("heartbeat to %s failed: %s", self.coordinator, error.code())
                 self.is_registered = False

@@ -15,7 +15,9 @@ import grpc
 import torch
 
 from disagg import tracing
+from disagg.ports import add_grpc_port, grpc_server
 from disagg.rpc import control_pb2 as pb
+from disagg.rpc.drain import DRAIN_SETTLE_S, DRAIN_TIMEOUT_S, drain
 from disagg.rpc.health import ROLE_SERVICES, ServerHealth
 from disagg.rpc.registration import WorkerRegistration
 
@@ -74,26 +76,31 @@ async def serve_worker(
     status: Callable[[], pb.HeartbeatRequest],
     on_stop: Callable[[], None],
 ) -> None:
-    """Serve until SIGTERM/SIGINT; `info.address` is filled in with the bound port."""
+    """Serve until SIGTERM/SIGINT, then drain; `info.address` is filled in with the bound port.
+
+    A second SIGTERM/SIGINT stops at once, whatever is still in flight.
+    """
     tracing.setup(f"disagg-{info.role}-worker")
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc_server()
     add_services(server)
     health = ServerHealth(server, ROLE_SERVICES[info.role])
     await health.start()
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = add_grpc_port(server, config.host, config.port, "--port")
     await server.start()
     info.address = f"{config.advertise_host}:{port}"
+    info.pid = os.getpid()
     registration = WorkerRegistration(config.coordinator, info, status)
     health.follow(lambda: registration.is_registered)
     await registration.start()
     print(f"disagg {info.role} worker {info.worker_id} serving gRPC on {info.address}", flush=True)
-    stop = asyncio.Event()
+    stop, cut_short = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, lambda: (cut_short if stop.is_set() else stop).set())
     await stop.wait()
-    log.info("stopping %s", info.worker_id)
-    await health.stop()
+    log.info("draining %s", info.worker_id)
+    await health.stop()  # NOTE: a draining worker is not ready: probes and balancers look elsewhere
+    await drain(registration, status, DRAIN_SETTLE_S, DRAIN_TIMEOUT_S, cut_short)
     await registration.stop()
     await server.stop(grace=1.0)
     on_stop()
