@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from disagg.engine.sampling_params import SamplingParams
-from tests.helpers import random_prompts, reference_tokens
+from tests.helpers import random_prompts, reference_tokens, tiny_loaded
 from tests.worker_harness import RpcAborted, decode_side, prefill_side
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
@@ -41,7 +41,7 @@ def test_prefill_ships_kv_that_decodes_to_the_reference_tokens(tmp_path: Path):
             return tokens
 
     tokens = asyncio.run(scenario())
-    model = __import__("tests.helpers", fromlist=["tiny_loaded"]).tiny_loaded().model
+    model = tiny_loaded().model
     assert tokens == [reference_tokens(model, p, 8) for p in prompts]
 
 
