@@ -63,7 +63,7 @@ class SettleWaiters(HandleHooks):
             if not handle.settled.is_set():
                 await asyncio.wait_for(event.wait(), timeout_s)
             return True
-        except TimeoutError:
+        except asyncio.TimeoutError:  # NOTE: not the builtin TimeoutError before Python 3.11
             return False
         finally:
             self._events.pop(handle.handle_id, None)
