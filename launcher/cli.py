@@ -32,7 +32,9 @@ def stream_text(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams
     stream = TextStream(engine.tokenizer, stop=params.stop)
     emitted = 0
     while not seq.is_finished:
-        engine.step()
+        output = engine.step()
+        if output.error is not None:
+            raise output.error
         delta, stopped = stream.push(seq.output_token_ids[emitted:])
         emitted = seq.num_output_tokens
         yield delta
