@@ -20,29 +20,20 @@ import grpc
 
 from coordinator.admission import Admission
 from coordinator.registry import WorkerRecord, WorkerRegistry
+from disagg.config import DispatchConfig
 from disagg.engine.sampling_params import SamplingParams
 from disagg.engine.sequence import TokenLogprob
-from disagg.errors import DisaggError, InvalidRequestError
+from disagg.errors import DisaggError
 from disagg.rpc import control_pb2 as pb
-from disagg.rpc.convert import logprob_to_proto, optional_logprob, sampling_to_proto
+from disagg.rpc.convert import optional_logprob, sampling_to_proto
+from disagg.rpc.status import invalid_request
+from disagg.rpc.worker_limits import check_fits
 
 log = logging.getLogger(__name__)
 
 
 class WorkerError(DisaggError):
     """A worker failed or vanished while serving the request."""
-
-
-@dataclass(frozen=True)
-class DispatchConfig:
-    allocate_timeout_s: float = 5.0
-    """Deadline of an Allocate call."""
-    prefill_timeout_s: float = 300.0
-    """Deadline of a Prefill call (long prompts on a CPU take a while)."""
-    decode_timeout_s: float = 3600.0
-    """Deadline of a whole Decode stream."""
-    free_timeout_s: float = 5.0
-    """Deadline of a Free call."""
 
 
 @dataclass
@@ -62,6 +53,8 @@ class RequestTrace:
     arrival_s: float = field(default_factory=time.time)
     queue_s: float = 0.0
     prefill_s: float = 0.0
+    prefill_queue_s: float = 0.0
+    """Waiting for a batch slot on the prefill worker (part of TTFT)."""
     kv_transfer_s: float = 0.0
     kv_bytes: int = 0
     first_token_s: float | None = None
@@ -123,8 +116,9 @@ class Dispatcher:
         candidates = sorted(self.registry.healthy("decode"), key=lambda w: -w.free_blocks_estimate)
         if not candidates:
             raise WorkerError("no decode worker is registered")
+        check_fits([w.info for w in candidates], prompt_ids, params.max_tokens)
         request = pb.AllocateRequest(
-            request_id=request_id, prompt_token_ids=prompt_ids, max_new_tokens=params.max_tokens
+            request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling_to_proto(params)
         )
         num_tokens = len(prompt_ids) + params.max_tokens
         for worker in candidates:
@@ -136,10 +130,8 @@ class Dispatcher:
                 handle = await self._allocate_on(worker, request)
             except grpc.aio.AioRpcError as error:
                 worker.reserved_blocks -= reserved
-                if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise InvalidRequestError(
-                        error.details() or "invalid request", "prompt"
-                    ) from error
+                if error.code() == grpc.StatusCode.INVALID_ARGUMENT:  # e.g. can never fit: a 400
+                    raise invalid_request(error, "prompt") from error
                 if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     log.warning("Allocate on %s failed: %s", worker.worker_id, error.code())
                 continue
@@ -195,6 +187,8 @@ class Dispatcher:
             reply = await prefill.prefill.Prefill(request, timeout=self.config.prefill_timeout_s)
         except grpc.aio.AioRpcError as error:
             await self._free(decode, handle.handle_id, "prefill_failed")
+            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise invalid_request(error, "prompt") from error
             raise WorkerError(
                 f"prefill worker {prefill.worker_id} failed: {error.details()}"
             ) from error
@@ -202,6 +196,7 @@ class Dispatcher:
             prefill.prompt_tokens_in_flight -= len(prompt_ids)
         trace.first_token_s = time.time()
         trace.token_times_s.append(trace.first_token_s)
+        trace.prefill_queue_s = reply.queue_s
         trace.prefill_s, trace.kv_transfer_s = reply.prefill_s, reply.transfer_s
         trace.kv_bytes = reply.kv_bytes
         logprob = optional_logprob(reply, "first_logprob", reply.first_token_id)
@@ -217,14 +212,9 @@ class Dispatcher:
         params: SamplingParams,
         trace: RequestTrace,
     ) -> AsyncIterator[TokenUpdate]:
-        request = pb.DecodeRequest(
-            handle_id=handle.handle_id,
-            first_token_id=first.token_id,
-            sampling=sampling_to_proto(params),
-        )
-        if first.logprob is not None:
-            request.first_logprob.CopyFrom(logprob_to_proto(first.logprob))
+        request = pb.DecodeRequest(handle_id=handle.handle_id, first_token_id=first.token_id)
         stream = decode.decode.Decode(request, timeout=self.config.decode_timeout_s)
+        offset_s: float | None = None
         try:
             async for event in stream:
                 if not event.HasField("token_id"):
@@ -232,7 +222,9 @@ class Dispatcher:
                     raise WorkerError(
                         f"decode worker {decode.worker_id} ended the request: {reason}"
                     )
-                trace.token_times_s.append(event.time_unix_s)
+                if offset_s is None:  # NOTE: one clock: the first gap is ours end to end
+                    offset_s = time.time() - event.time_unix_s
+                trace.token_times_s.append(event.time_unix_s + offset_s)
                 logprob = optional_logprob(event, "logprob", event.token_id)
                 yield TokenUpdate(
                     event.token_id, event.time_unix_s, logprob, event.finish_reason or None

@@ -133,6 +133,7 @@ def timings(trace: RequestTrace) -> dict:
         "ttft_s": trace.ttft_s,
         "mean_tbt_s": trace.mean_tbt_s,
         "queue_s": trace.queue_s,
+        "prefill_queue_s": trace.prefill_queue_s,
         "prefill_s": trace.prefill_s,
         "kv_transfer_s": trace.kv_transfer_s,
         "first_decode_gap_s": next(iter(trace.tbt_s), None),

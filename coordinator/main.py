@@ -5,55 +5,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
 
 import uvicorn
 
 from coordinator import kserve_grpc
 from coordinator.admission import Admission
 from coordinator.app import build_app
-from coordinator.dispatcher import DispatchConfig, Dispatcher
+from coordinator.dispatcher import Dispatcher
 from coordinator.frontend import Frontend
 from coordinator.generation import Generator
 from coordinator.metrics import Metrics
 from coordinator.registry import RegistryService, WorkerRegistry
 from disagg import tracing
+from disagg.config import CoordinatorConfig, DispatchConfig
 from disagg.model.loader import load_model_info
 from disagg.ports import add_grpc_port, bind_tcp, grpc_server
 from disagg.rpc import control_pb2_grpc as pb_grpc
 from disagg.rpc.health import INFERENCE_SERVICE, REGISTRY_SERVICE, ServerHealth
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CoordinatorConfig:
-    model: str = "default"
-    """Model whose tokenizer and limits the front door uses; workers must serve the same."""
-    served_model_name: str = ""
-    """Name clients use in `model`; defaults to the model's own name."""
-    host: str = "0.0.0.0"
-    """Address the HTTP and control servers bind."""
-    http_port: int = 8000
-    """OpenAI and KServe REST."""
-    grpc_port: int = 8001
-    """KServe V2 gRPC (inference.GRPCInferenceService)."""
-    control_port: int = 50050
-    """Worker registry (Register, Heartbeat)."""
-    heartbeat_interval_s: float = 1.0
-    """How often workers report."""
-    heartbeat_timeout_s: float = 3.0
-    """A worker silent this long is out of rotation."""
-    max_waiting: int = 256
-    """Requests that may wait for KV room before new ones are refused."""
-    queue_timeout_s: float = 30.0
-    """Longest wait for KV room."""
-
-    def __post_init__(self) -> None:
-        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
-            raise ValueError("heartbeat_timeout_s must exceed heartbeat_interval_s")
-        if self.max_waiting < 0:
-            raise ValueError("max_waiting must be >= 0")
 
 
 def enable_request_log() -> None:
@@ -67,7 +37,7 @@ def enable_request_log() -> None:
     request_log.propagate = False
 
 
-async def run(config: CoordinatorConfig) -> None:
+async def run(config: CoordinatorConfig, dispatch: DispatchConfig | None = None) -> None:
     enable_request_log()
     tracing.setup("disagg-coordinator")
     # NOTE: every port is taken before the model loads, so a second cluster fails at once.
@@ -81,7 +51,7 @@ async def run(config: CoordinatorConfig) -> None:
     registry = WorkerRegistry(config.heartbeat_interval_s, config.heartbeat_timeout_s)
     admission = Admission(config.max_waiting, config.queue_timeout_s)
     registry.on_change(admission.notify)
-    dispatcher = Dispatcher(registry, admission, DispatchConfig())
+    dispatcher = Dispatcher(registry, admission, dispatch or DispatchConfig())
     metrics = Metrics(served_name)
     frontend = Frontend(
         Generator(dispatcher, model, metrics), model, served_name, registry, admission, metrics
@@ -129,6 +99,6 @@ async def run(config: CoordinatorConfig) -> None:
     await control.stop(grace=1.0)
 
 
-def main(config: CoordinatorConfig) -> int:
-    asyncio.run(run(config))
+def main(config: CoordinatorConfig, dispatch: DispatchConfig | None = None) -> int:
+    asyncio.run(run(config, dispatch))
     return 0

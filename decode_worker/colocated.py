@@ -11,10 +11,8 @@ import grpc
 from decode_worker.kv_handles import FreeReason, HandleState, HandleTable
 from disagg.engine.sequence import Sequence
 from disagg.engine.worker_loop import EngineLoop
-from disagg.errors import InvalidRequestError
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc import control_pb2_grpc as pb_grpc
-from disagg.rpc.convert import sampling_from_proto
 from disagg.rpc.prefill_reply import PrefillResult, run_prefill
 
 
@@ -24,9 +22,9 @@ class InPlacePrefill(PrefillResult):
         self.table = table
         self.handle_id = handle_id
 
-    def hand_over(self, seq: Sequence) -> tuple[int, int]:
+    def hand_over(self, seq: Sequence) -> None:
         self.table.mark_ready(self.handle_id)
-        return 0, 0
+        self.handed_over(seq, 0, 0)
 
     def abandon(self, seq: Sequence) -> None:
         self.table.fail(self.handle_id, FreeReason.PREFILL_FAILED)
@@ -49,13 +47,9 @@ class ColocatedPrefillService(pb_grpc.PrefillWorkerServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "prompt differs from the allocated one"
             )
-        try:
-            params = sampling_from_proto(request.sampling)
-        except InvalidRequestError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         seq = Sequence(
             list(handle.prompt_token_ids),
-            params,
+            handle.sequence.params,  # what Allocate carried; the request's copy is the same
             request_id=request.request_id,
             block_table=list(handle.block_ids),
             owns_blocks=False,

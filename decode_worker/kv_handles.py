@@ -26,6 +26,7 @@ from enum import IntEnum
 
 import torch
 
+from disagg.engine.sequence import Sequence
 from disagg.kv.block_manager import BlockManager
 from disagg.kv.cache import PagedKVCache
 from disagg.kv.wire import DoneHeader, LayerHeader, combine, dtype_name
@@ -71,6 +72,9 @@ class KVHandle:
     free_reason: str | None = None
     settled: threading.Event = field(default_factory=threading.Event)
     """Set once the handle is READY, or has failed: what Decode waits on."""
+    sequence: Sequence | None = None
+    """The request as Allocate gave it (prompt, sampling parameters), WAITING_FOR_KV until
+    Decode claims the handle and adds its first token."""
 
     @property
     def num_prompt_tokens(self) -> int:

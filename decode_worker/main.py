@@ -4,35 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from dataclasses import dataclass
 
 from decode_worker.colocated import ColocatedPrefillService
 from decode_worker.kv_handles import HandleTable
 from decode_worker.service import DecodeService, SettleWaiters
-from disagg.engine.llm_engine import EngineConfig, LLMEngine
+from disagg.config import DecodeWorkerConfig, EngineConfig, WorkerConfig
+from disagg.engine.llm_engine import LLMEngine
 from disagg.engine.worker_loop import EngineLoop
 from disagg.kv.transfer import KVReceiver
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc import control_pb2_grpc as pb_grpc
-from disagg.rpc.worker_process import WorkerConfig, apply_threads, serve_worker, watch_parent
-
-
-@dataclass(frozen=True)
-class DecodeWorkerConfig:
-    colocated: bool = False
-    """Also serve Prefill, computing KV in place (the baseline role)."""
-    kv_transport: str = "tcp"
-    """tcp (works across hosts) or ipc (same host only)."""
-    ready_timeout_s: float = 30.0
-    """A handle whose KV has not all arrived by then is freed."""
-    claim_timeout_s: float = 30.0
-    """A READY handle that no Decode claims by then is freed."""
-
-    def __post_init__(self) -> None:
-        if self.kv_transport not in ("tcp", "ipc"):
-            raise ValueError(f"kv_transport must be tcp or ipc, got {self.kv_transport!r}")
-        if self.ready_timeout_s <= 0 or self.claim_timeout_s <= 0:
-            raise ValueError("ready_timeout_s and claim_timeout_s must be > 0")
+from disagg.rpc.worker_process import (
+    apply_threads,
+    resolved_id,
+    serve_worker,
+    watch_parent,
+    worker_info,
+)
 
 
 def receiver_bind(config: WorkerConfig, transport: str) -> str:
@@ -56,7 +44,7 @@ async def run(
         hooks=[waiters],
     )
     role = "colocated" if decode.colocated else "decode"
-    worker_id = config.resolved_id(role)
+    worker_id = resolved_id(config, role)
     receiver = None
     if not decode.colocated:
         bind = receiver_bind(config, decode.kv_transport)
@@ -84,14 +72,7 @@ async def run(
         if receiver is not None:
             receiver.stop()
 
-    info = pb.WorkerInfo(
-        worker_id=worker_id,
-        role=role,
-        model=engine.loaded.name,
-        capacity=engine_config.max_num_seqs,
-        total_kv_blocks=engine.block_manager.num_blocks,
-        block_size=engine_config.block_size,
-    )
+    info = worker_info(engine, role, worker_id)
     await serve_worker(config, info, add_services, status, on_stop)
 
 

@@ -11,18 +11,13 @@ import grpc
 
 from decode_worker.kv_handles import FreeReason, HandleHooks, HandleTable, KVHandle
 from disagg.engine.llm_engine import LLMEngine
-from disagg.engine.sampling_params import SamplingParams
 from disagg.engine.sequence import Sequence, SequenceStatus
-from disagg.engine.worker_loop import EngineLoop, SequenceListener
+from disagg.engine.worker_loop import Abort, Admit, EngineLoop, SequenceListener
 from disagg.errors import InvalidRequestError, OutOfBlocksError
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc import control_pb2_grpc as pb_grpc
-from disagg.rpc.convert import (
-    layout_to_proto,
-    logprob_to_proto,
-    optional_logprob,
-    sampling_from_proto,
-)
+from disagg.rpc.convert import layout_to_proto, logprob_to_proto, sampling_from_proto
+from disagg.rpc.status import abort_invalid
 from disagg.rpc.thread_bridge import ThreadSafeQueue
 
 log = logging.getLogger(__name__)
@@ -68,7 +63,7 @@ class SettleWaiters(HandleHooks):
             if not handle.settled.is_set():
                 await asyncio.wait_for(event.wait(), timeout_s)
             return True
-        except TimeoutError:
+        except asyncio.TimeoutError:  # NOTE: not the builtin TimeoutError before Python 3.11
             return False
         finally:
             self._events.pop(handle.handle_id, None)
@@ -108,12 +103,21 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
     ) -> pb.KVHandle:
         prompt = list(request.prompt_token_ids)
         try:
-            self.engine.validate(prompt, SamplingParams(max_tokens=request.max_new_tokens))
-            handle = self.table.allocate(request.request_id, prompt, request.max_new_tokens)
-        except InvalidRequestError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            params = sampling_from_proto(request.sampling)
+            self.engine.check_prompt(prompt, params.max_tokens)
+            handle = self.table.allocate(request.request_id, prompt, params.max_tokens)
+        except InvalidRequestError as error:  # NeverFitsError included: waiting cannot help
+            await abort_invalid(context, error)
         except OutOfBlocksError as error:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        handle.sequence = Sequence(
+            prompt,
+            params,
+            request_id=request.request_id,
+            block_table=list(handle.block_ids),
+            num_computed_tokens=len(prompt),
+            status=SequenceStatus.WAITING_FOR_KV,
+        )
         remaining_s = handle.deadline_s - time.monotonic()
         return pb.KVHandle(
             handle_id=handle.handle_id,
@@ -130,20 +134,16 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         if handle is None:
             reason = self.table.end_reason(request.handle_id) or "unknown"
             await context.abort(grpc.StatusCode.NOT_FOUND, f"KV handle is gone: {reason}")
-        try:
-            params = sampling_from_proto(request.sampling)
-        except InvalidRequestError as error:
-            self.table.fail(handle.handle_id, FreeReason.ERROR)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         await self.waiters.wait(handle, max(0.0, handle.deadline_s - time.monotonic()))
         if self.table.claim(handle.handle_id) is None:
             reason = handle.free_reason or f"KV not ready ({handle.state.name})"
             self.table.fail(handle.handle_id, FreeReason.EXPIRED)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"KV handle failed: {reason}")
-        seq = self._sequence(handle, params, request)
+        seq = handle.sequence
+        seq.output_token_ids.append(request.first_token_id)
         stream = DecodeStream()
         self._decoding[handle.handle_id] = seq
-        self.loop.decode(seq, stream)
+        self.loop.submit(Admit(seq, stream))
         reason = FreeReason.CANCELLED
         try:
             while True:
@@ -169,7 +169,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         finally:
             self._decoding.pop(handle.handle_id, None)
             if reason != FreeReason.FINISHED:
-                self.loop.abort(seq)  # a cancelled stream is a disconnect: free the blocks
+                self.loop.submit(Abort(seq))  # a cancelled stream is a disconnect: free blocks
             self.table.release(handle.handle_id, reason)
 
     async def Free(
@@ -177,31 +177,13 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
     ) -> pb.FreeResponse:
         seq = self._decoding.get(request.handle_id)
         if seq is not None:
-            self.loop.abort(seq)
+            self.loop.submit(Abort(seq))
         reason = request.reason or FreeReason.CANCELLED
         freed = (
             self.table.fail(request.handle_id, reason) if reason != FreeReason.FINISHED else False
         )
         freed = freed or self.table.release(request.handle_id, reason)
         return pb.FreeResponse(freed=freed)
-
-    def _sequence(
-        self, handle: KVHandle, params: SamplingParams, request: pb.DecodeRequest
-    ) -> Sequence:
-        """A sequence whose prompt KV is in the handle's blocks and whose first token is known."""
-        seq = Sequence(
-            list(handle.prompt_token_ids),
-            params,
-            request_id=handle.request_id,
-            output_token_ids=[request.first_token_id],
-            block_table=list(handle.block_ids),
-            num_computed_tokens=handle.num_prompt_tokens,
-            status=SequenceStatus.RUNNING,
-        )
-        first_logprob = optional_logprob(request, "first_logprob", request.first_token_id)
-        if first_logprob is not None:
-            seq.output_logprobs.append(first_logprob)
-        return seq
 
     def load(self) -> int:
         """Sequences decoding plus handles still waiting for their KV."""

@@ -22,3 +22,8 @@ class OutOfBlocksError(DisaggError):
 
 class UnsupportedModelError(DisaggError):
     """The model's architecture or files are not something the runner can serve."""
+
+
+class NeverFitsError(InvalidRequestError, OutOfBlocksError):
+    """The request needs more KV blocks than the whole pool holds, so no wait can help:
+    a client error (HTTP 400, gRPC INVALID_ARGUMENT), not "no room now" (503)."""

@@ -7,24 +7,23 @@ import logging
 import sys
 from collections.abc import Iterator
 
-from disagg.engine.llm_engine import EngineConfig, LLMEngine
+from disagg.config import (
+    CoordinatorConfig,
+    DecodeWorkerConfig,
+    DispatchConfig,
+    EngineConfig,
+    ServeConfig,
+    WorkerConfig,
+)
+from disagg.engine.llm_engine import LLMEngine
 from disagg.engine.sampling_params import SamplingParams
 from disagg.errors import DisaggError
 from disagg.model.tokenizer import TextStream, apply_chat_template, encode_prompt
-from launcher.options import add_model_options, add_option, add_worker_options, model_args
+from launcher.options import add_config_options, add_option, config_from_args
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        block_size=args.block_size,
-        kv_cache_memory_bytes=args.kv_cache_memory,
-        num_kv_blocks=args.kv_blocks,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-    )
+    return config_from_args(EngineConfig, args)
 
 
 def stream_text(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
@@ -33,7 +32,9 @@ def stream_text(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams
     stream = TextStream(engine.tokenizer, stop=params.stop)
     emitted = 0
     while not seq.is_finished:
-        engine.step()
+        output = engine.step()
+        if output.error is not None:
+            raise output.error
         delta, stopped = stream.push(seq.output_token_ids[emitted:])
         emitted = seq.num_output_tokens
         yield delta
@@ -73,80 +74,46 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def worker_config(args: argparse.Namespace):
-    from disagg.rpc.worker_process import WorkerConfig
-
-    return WorkerConfig(
-        coordinator=args.coordinator,
-        host=args.host,
-        port=args.port,
-        advertise_host=args.advertise_host,
-        worker_id=args.worker_id,
-        threads=args.threads,
-    )
-
-
 def run_prefill_worker(args: argparse.Namespace) -> int:
     from prefill_worker.main import main
 
-    return main(engine_config(args), worker_config(args))
+    return main(engine_config(args), config_from_args(WorkerConfig, args))
 
 
 def run_decode_worker(args: argparse.Namespace) -> int:
-    from decode_worker.main import DecodeWorkerConfig, main
+    from decode_worker.main import main
 
-    decode = DecodeWorkerConfig(
-        colocated=args.colocated,
-        kv_transport=args.kv_transport,
-        ready_timeout_s=args.ready_timeout,
-        claim_timeout_s=args.claim_timeout,
-    )
-    return main(engine_config(args), worker_config(args), decode)
+    decode = config_from_args(DecodeWorkerConfig, args)
+    return main(engine_config(args), config_from_args(WorkerConfig, args), decode)
 
 
 def run_coordinator(args: argparse.Namespace) -> int:
-    from coordinator.main import CoordinatorConfig, main
+    from coordinator.main import main
 
-    config = CoordinatorConfig(
-        model=args.model,
-        served_model_name=args.served_model_name,
-        host=args.host,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        control_port=args.control_port,
-        heartbeat_timeout_s=args.heartbeat_timeout,
-        max_waiting=args.max_waiting,
-        queue_timeout_s=args.queue_timeout,
-    )
-    return main(config)
+    return main(config_from_args(CoordinatorConfig, args), config_from_args(DispatchConfig, args))
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from launcher.serve import ClusterPlan, serve
 
+    engine = engine_config(args)
     plan = ClusterPlan(
-        model_args=model_args(args),
-        mode=args.mode,
-        num_prefill=args.prefill_workers,
-        num_decode=args.decode_workers,
-        host=args.host,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        control_port=args.control_port,
-        served_model_name=args.served_model_name,
-        kv_transport=args.kv_transport,
-        worker_threads=args.worker_threads,
-        restart_drained=args.restart_drained,
+        engine=engine,
+        serve=config_from_args(ServeConfig, args),
+        coordinator=config_from_args(CoordinatorConfig, args, model=engine.model),
+        dispatch=config_from_args(DispatchConfig, args),
     )
     return serve(plan)
 
 
 def add_coordinator_options(parser: argparse.ArgumentParser) -> None:
-    add_option(parser, "--served-model-name", default="", help="name clients use for the model")
-    add_option(parser, "--host", default="0.0.0.0", help="address the servers bind")
-    add_option(parser, "--http-port", type=int, default=8000, help="OpenAI and KServe REST")
-    add_option(parser, "--grpc-port", type=int, default=8001, help="KServe V2 gRPC")
-    add_option(parser, "--control-port", type=int, default=50050, help="worker registry gRPC")
+    add_config_options(parser, CoordinatorConfig)
+    add_config_options(parser, DispatchConfig)
+
+
+def add_worker_options(parser: argparse.ArgumentParser) -> None:
+    add_config_options(parser, EngineConfig)
+    add_config_options(parser, WorkerConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,24 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="the whole cluster on this machine")
-    add_model_options(serve)
+    add_config_options(serve, EngineConfig)
     add_coordinator_options(serve)
-    add_option(serve, "--mode", default="disaggregated", choices=["disaggregated", "colocated"])
-    add_option(serve, "--prefill-workers", type=int, default=1)
-    add_option(serve, "--decode-workers", type=int, default=1)
-    add_option(serve, "--kv-transport", default="ipc", choices=["tcp", "ipc"])
-    add_option(serve, "--worker-threads", type=int, default=0, help="0 = split cores evenly")
-    add_option(
-        serve, "--restart-drained", action="store_true", help="restart workers SIGTERM drained"
-    )
+    add_config_options(serve, ServeConfig)
     serve.set_defaults(func=run_serve)
 
     coordinator = commands.add_parser("coordinator", help="the front door and scheduler")
-    add_option(coordinator, "--model", default="default", help="default, a .gguf or an HF dir")
     add_coordinator_options(coordinator)
-    add_option(coordinator, "--heartbeat-timeout", type=float, default=3.0)
-    add_option(coordinator, "--max-waiting", type=int, default=256, help="KV wait queue bound")
-    add_option(coordinator, "--queue-timeout", type=float, default=30.0)
     coordinator.set_defaults(func=run_coordinator)
 
     prefill = commands.add_parser("prefill-worker", help="runs prompts, ships their KV")
@@ -181,13 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     decode = commands.add_parser("decode-worker", help="holds KV blocks, decodes in batches")
     add_worker_options(decode)
-    add_option(decode, "--colocated", action="store_true", help="also prefill (baseline role)")
-    add_option(decode, "--kv-transport", default="tcp", choices=["tcp", "ipc"])
-    add_option(decode, "--ready-timeout", type=float, default=30.0, help="s for KV to arrive")
-    add_option(decode, "--claim-timeout", type=float, default=30.0, help="s for Decode to claim")
+    add_config_options(decode, DecodeWorkerConfig)
     decode.set_defaults(func=run_decode_worker)
     generate = commands.add_parser("generate", help="generate from a prompt, or chat on stdin")
-    add_model_options(generate)
+    add_config_options(generate, EngineConfig)
     generate.add_argument("--prompt", help="one prompt; without it, read messages from stdin")
     generate.add_argument("--raw", action="store_true", help="no chat template")
     add_option(generate, "--max-tokens", type=int, default=256)

@@ -1,9 +1,29 @@
-"""Command-line options that can also come from `DISAGG_<OPTION>` environment variables."""
+"""Command-line options generated from the config dataclasses in `disagg.config`.
+
+Each field becomes a flag (`flag_name`), its default the field's default, its
+help the field's docstring, its choices a `Literal` annotation's values; each
+flag can also come from a `DISAGG_<FLAG>` environment variable. Reading the
+parsed arguments back into the dataclass (`config_from_args`) and turning a
+config back into flags for a child process (`config_to_args`) use the same
+names, so a setting is spelled once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import functools
+import inspect
 import os
+import types
+import typing
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+UNIT_SUFFIXES = ("_s", "_bytes")
+TRUE_WORDS = ("1", "true", "yes", "on")
 
 
 def env_name(flag: str) -> str:
@@ -11,7 +31,15 @@ def env_name(flag: str) -> str:
     return "DISAGG_" + flag.lstrip("-").replace("-", "_").upper()
 
 
-def add_option(parser: argparse.ArgumentParser, flag: str, **kwargs: object) -> None:
+def flag_name(field_name: str) -> str:
+    """`num_kv_blocks` -> `--kv-blocks`, `ready_timeout_s` -> `--ready-timeout`."""
+    name = field_name.removeprefix("num_")
+    for suffix in UNIT_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return "--" + name.replace("_", "-")
+
+
+def add_option(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
     """Like `add_argument`, but the environment variable, when set, replaces the default.
 
     NOTE: argparse runs `type` over string defaults, so an environment value is
@@ -19,48 +47,96 @@ def add_option(parser: argparse.ArgumentParser, flag: str, **kwargs: object) -> 
     """
     name = env_name(flag)
     if name in os.environ:
-        kwargs["default"] = os.environ[name]
+        value = os.environ[name]
+        is_switch = kwargs.get("action") == "store_true"
+        kwargs["default"] = value.lower() in TRUE_WORDS if is_switch else value
         kwargs.pop("required", None)
     help_text = kwargs.get("help", "")
     kwargs["help"] = f"{help_text} [env {name}]".strip()
     parser.add_argument(flag, **kwargs)
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    add_option(parser, "--model", default="default", help="default, a .gguf file or an HF dir")
-    add_option(parser, "--device", default="cpu", help="cpu, cuda or cuda:N")
-    add_option(
-        parser,
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto = bfloat16 where the hardware computes it natively",
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (read from its source, as vLLM does)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        if is_field and _is_string(following):
+            docs[node.target.id] = following.value.value.strip()
+    return docs
+
+
+def _is_string(node: ast.stmt) -> bool:
+    return (
+        isinstance(node, ast.Expr)
+        and isinstance(node.value, ast.Constant)
+        and (isinstance(node.value.value, str))
     )
-    add_option(parser, "--kv-cache-memory", type=int, default=1 << 30, help="KV pool bytes")
-    add_option(parser, "--kv-blocks", type=int, default=None, help="KV pool size in blocks")
-    add_option(parser, "--block-size", type=int, default=16, help="tokens per KV block")
-    add_option(parser, "--max-num-seqs", type=int, default=256, help="most sequences per batch")
-    add_option(
-        parser, "--max-num-batched-tokens", type=int, default=2048, help="prefill token budget"
-    )
 
 
-def add_worker_options(parser: argparse.ArgumentParser) -> None:
-    add_model_options(parser)
-    add_option(parser, "--coordinator", default="127.0.0.1:50050", help="coordinator HOST:PORT")
-    add_option(parser, "--host", default="0.0.0.0", help="address the worker binds")
-    add_option(parser, "--port", type=int, default=0, help="gRPC port; 0 picks a free one")
-    add_option(parser, "--advertise-host", default="127.0.0.1", help="host others reach us at")
-    add_option(parser, "--worker-id", default="", help="unique name (default role-host-pid)")
-    add_option(parser, "--threads", type=int, default=0, help="torch threads; 0 = torch default")
+def _option_kwargs(cls: type, field: dataclasses.Field, hint: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "dest": field.name,
+        "default": field.default,
+        "help": field_docs(cls).get(field.name, ""),
+    }
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Literal:
+        kwargs["choices"] = list(typing.get_args(hint))
+    elif hint is bool:
+        kwargs["action"] = "store_true"
+    elif typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        kwargs["type"] = args[0]  # `int | None`: None stays the default
+    elif hint in (int, float):
+        kwargs["type"] = hint
+    if "type" in kwargs or hint is str:
+        kwargs["metavar"] = flag_name(field.name).lstrip("-").replace("-", "_").upper()
+    return kwargs
 
 
-def model_args(args: argparse.Namespace) -> list[str]:
-    """The model options as command-line words, to hand on to child processes."""
-    words = ["--model", args.model, "--device", args.device, "--dtype", args.dtype]
-    words += ["--kv-cache-memory", str(args.kv_cache_memory), "--block-size", str(args.block_size)]
-    words += ["--max-num-seqs", str(args.max_num_seqs)]
-    words += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-    if args.kv_blocks is not None:
-        words += ["--kv-blocks", str(args.kv_blocks)]
+def add_config_options(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    exclude: tuple[str, ...] = (),
+    defaults: dict[str, Any] | None = None,
+) -> None:
+    """One flag per field of `cls`, except `exclude` and flags the parser already has.
+
+    `defaults` overrides a field's default for this command only.
+    """
+    hints = typing.get_type_hints(cls)
+    existing = set(parser._option_string_actions)
+    for field in dataclasses.fields(cls):
+        flag = flag_name(field.name)
+        if field.name in exclude or flag in existing:
+            continue
+        kwargs = _option_kwargs(cls, field, hints[field.name])
+        if defaults and field.name in defaults:
+            kwargs["default"] = defaults[field.name]
+        add_option(parser, flag, **kwargs)
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace, **overrides: Any) -> C:
+    """The dataclass with every field the parser knows taken from `args`."""
+    values = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)
+    }
+    return cls(**(values | overrides))
+
+
+def config_to_args(config: Any, exclude: tuple[str, ...] = ()) -> list[str]:
+    """Flags that give a child process the same config (None and False are left out)."""
+    words: list[str] = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name in exclude or value is None:
+            continue
+        flag = flag_name(field.name)
+        if isinstance(value, bool):
+            words += [flag] if value else []
+        else:
+            words += [flag, str(value)]
     return words

@@ -20,7 +20,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from disagg.config import CoordinatorConfig, DispatchConfig, EngineConfig, ServeConfig
 from disagg.ports import check_free
+from launcher.options import config_to_args
 from launcher.supervisor import RestartPolicy, Supervisor
 
 STARTUP_TIMEOUT_S = 600.0
@@ -33,65 +35,49 @@ REGISTRY_CHECK_S = 1.0
 class ClusterPlan:
     """Which processes to start, with which arguments."""
 
-    model_args: list[str]
-    mode: str = "disaggregated"
-    num_prefill: int = 1
-    num_decode: int = 1
-    host: str = "0.0.0.0"
-    http_port: int = 8000
-    grpc_port: int = 8001
-    control_port: int = 50050
-    served_model_name: str = ""
-    kv_transport: str = "ipc"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     total_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    worker_threads: int = 0
-    """torch threads per worker; 0 splits the machine's cores evenly between workers."""
-    restart_drained: bool = False
-    """Restart a worker that exited 0 after SIGTERM drained it (a rolling restart)."""
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("disaggregated", "colocated"):
-            raise ValueError(f"mode must be disaggregated or colocated, got {self.mode!r}")
-        if self.num_decode < 1 or (self.mode == "disaggregated" and self.num_prefill < 1):
-            raise ValueError("need at least one decode and one prefill worker")
 
     @property
     def num_workers(self) -> int:
-        return self.num_decode + (self.num_prefill if self.mode == "disaggregated" else 0)
+        serve = self.serve
+        is_split = serve.mode == "disaggregated"
+        return serve.num_decode_workers + (serve.num_prefill_workers if is_split else 0)
 
     @property
     def threads_per_worker(self) -> int:
         """NOTE: by default the cores are split evenly so that workers do not fight over them."""
-        return self.worker_threads or max(1, self.total_threads // self.num_workers)
+        return self.serve.worker_threads or max(1, self.total_threads // self.num_workers)
+
+    @property
+    def http_port(self) -> int:
+        return self.coordinator.http_port
 
     def commands(self) -> list[tuple[str, list[str]]]:
         cli = [sys.executable, "-m", "launcher.cli"]
         coordinator = [
-            *cli, "coordinator", "--host", self.host, "--http-port", str(self.http_port),
-            "--grpc-port", str(self.grpc_port), "--control-port", str(self.control_port),
-            *self._model_only(),
+            *cli, "coordinator", *config_to_args(self.coordinator),
+            *config_to_args(self.dispatch),
         ]  # fmt: skip
-        if self.served_model_name:
-            coordinator += ["--served-model-name", self.served_model_name]
         worker = [
-            "--coordinator", f"127.0.0.1:{self.control_port}",
-            "--threads", str(self.threads_per_worker), *self.model_args,
+            "--coordinator", f"127.0.0.1:{self.coordinator.control_port}",
+            "--threads", str(self.threads_per_worker), *config_to_args(self.engine),
         ]  # fmt: skip
         commands = [("coordinator", coordinator)]
-        if self.mode == "colocated":
-            for i in range(self.num_decode):
+        serve = self.serve
+        if serve.mode == "colocated":
+            for i in range(serve.num_decode_workers):
                 commands.append((f"colocated-{i}", [*cli, "decode-worker", "--colocated", *worker]))
             return commands
-        for i in range(self.num_prefill):
+        for i in range(serve.num_prefill_workers):
             commands.append((f"prefill-{i}", [*cli, "prefill-worker", *worker]))
-        for i in range(self.num_decode):
-            decode = [*cli, "decode-worker", "--kv-transport", self.kv_transport, *worker]
+        for i in range(serve.num_decode_workers):
+            decode = [*cli, "decode-worker", "--kv-transport", serve.kv_transport, *worker]
             commands.append((f"decode-{i}", decode))
         return commands
-
-    def _model_only(self) -> list[str]:
-        index = self.model_args.index("--model")
-        return self.model_args[index : index + 2]
 
 
 class Cluster:
@@ -110,10 +96,10 @@ class Cluster:
         self.supervisor = Supervisor(
             workers,
             spawn=lambda command: subprocess.Popen(command, env=env),
-            policy=policy or RestartPolicy(restart_clean_exits=plan.restart_drained),
+            policy=policy or RestartPolicy(restart_clean_exits=plan.serve.restart_drained),
         )
         self._env = env
-        self._url = f"http://127.0.0.1:{plan.http_port}/cluster"
+        self._url = f"http://127.0.0.1:{plan.coordinator.http_port}/cluster"
         self._stop = threading.Event()
 
     @property
@@ -192,9 +178,9 @@ def registered_worker_ids(url: str) -> list[str]:
 
 def check_ports(plan: ClusterPlan) -> None:
     """Fail before starting any process if a port is taken (the coordinator checks again)."""
-    check_free(plan.host, plan.http_port, "--http-port")
-    check_free(plan.host, plan.grpc_port, "--grpc-port")
-    check_free(plan.host, plan.control_port, "--control-port")
+    check_free(plan.coordinator.host, plan.coordinator.http_port, "--http-port")
+    check_free(plan.coordinator.host, plan.coordinator.grpc_port, "--grpc-port")
+    check_free(plan.coordinator.host, plan.coordinator.control_port, "--control-port")
 
 
 def serve(plan: ClusterPlan) -> int:
@@ -208,8 +194,8 @@ def serve(plan: ClusterPlan) -> int:
             return 0 if cluster.is_stopping else 1
         roles = ", ".join(name for name in cluster.processes if name != "coordinator")
         print(
-            f"disagg serve: ready on http://{plan.host}:{plan.http_port} "
-            f"({plan.mode}: {roles}); Ctrl-C stops",
+            f"disagg serve: ready on http://{plan.coordinator.host}:{plan.coordinator.http_port} "
+            f"({plan.serve.mode}: {roles}); Ctrl-C stops",
             flush=True,
         )
         return cluster.wait()

@@ -1,9 +1,10 @@
 """The engine: many sequences through one model, step by step.
 
 A step is three moves: the scheduler picks, the runner computes, the engine
-appends tokens and retires finished sequences. `prefill` and `decode_step`
-are the two halves, usable on their own, which is what lets prefill and decode
-live in different processes.
+appends tokens and retires finished sequences; it returns a `StepOutput`. The
+same step serves every role: a prefill-only sequence leaves after its prompt
+(its KV is shipped and decoded elsewhere), a sequence admitted WAITING_FOR_KV
+joins the decode batch with its prompt's KV already in its blocks.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from disagg.config import EngineConfig
 from disagg.engine.sampler import SamplerOutput
 from disagg.engine.sampling_params import SamplingParams
-from disagg.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
-from disagg.engine.sequence import FinishReason, Sequence
-from disagg.errors import InvalidRequestError, OutOfBlocksError
+from disagg.engine.scheduler import ScheduledChunk, Scheduler
+from disagg.engine.sequence import FinishReason, Sequence, SequenceStatus
+from disagg.engine.step_output import StepOutput
+from disagg.errors import InvalidRequestError, NeverFitsError
 from disagg.kv.block_manager import BlockManager
 from disagg.kv.cache import PagedKVCache
 from disagg.model.device import resolve_device, resolve_dtype
@@ -27,35 +30,8 @@ from disagg.model.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model: str = "default"
-    """`default`, a .gguf file, or a local HF model directory."""
-    device: str = "cpu"
-    """cpu, cuda or cuda:N."""
-    dtype: str = "auto"
-    """auto, float32, bfloat16 or float16."""
-    block_size: int = 16
-    """Tokens per KV block."""
-    kv_cache_memory_bytes: int = 1 << 30
-    """Memory budget of the KV pool, used when num_kv_blocks is not given."""
-    num_kv_blocks: int | None = None
-    """Exact KV pool size in blocks; overrides the memory budget."""
-    max_num_seqs: int = 256
-    """Most sequences decoding together."""
-    max_num_batched_tokens: int = 2048
-    """Most prompt tokens in one prefill forward; longer prompts are chunked."""
-    max_model_len: int | None = None
-    """Context limit (prompt + output); defaults to the model's."""
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise InvalidRequestError("block_size must be >= 1", "block_size")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise InvalidRequestError("num_kv_blocks must be >= 1", "num_kv_blocks")
-        if self.kv_cache_memory_bytes < 1:
-            raise InvalidRequestError("kv_cache_memory_bytes must be >= 1", "kv_cache_memory_bytes")
+LayerCallback = Callable[[int, list[ScheduledChunk]], None]
+"""on_layer(layer, chunks): that layer's K/V of every chunk is in the cache."""
 
 
 @dataclass
@@ -87,9 +63,7 @@ class LLMEngine:
             )
         self.kv_cache = PagedKVCache(layout, num_blocks, self.model.device)
         self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.block_manager
-        )
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
         configured = getattr(loaded.model.generation_config, "eos_token_id", None)
         self.eos_token_ids = eos_token_ids(configured, loaded.tokenizer)
         self.runner = ModelRunner(self.model, self.kv_cache, self.eos_token_ids)
@@ -97,14 +71,14 @@ class LLMEngine:
 
     # -- requests --------------------------------------------------------
 
+    @property
+    def vocab_size(self) -> int:
+        return self.model.embed_tokens.shape[0]
+
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise before anything is allocated: InvalidRequestError, or OutOfBlocksError
-        when the request could never fit in the pool even alone."""
-        if not prompt_token_ids:
-            raise InvalidRequestError("prompt is empty", "prompt")
-        vocab_size = self.model.embed_tokens.shape[0]
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab_size})", "prompt")
+        """Raise before anything is allocated: InvalidRequestError (NeverFitsError when the
+        request could never fit in the pool even alone)."""
+        self.check_prompt(prompt_token_ids, params.max_tokens)
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise InvalidRequestError(
@@ -112,10 +86,22 @@ class LLMEngine:
                 f"exceeds the model's context of {self.max_model_len} tokens",
                 "max_tokens",
             )
-        needed = self.block_manager.blocks_for(total)
+
+    def check_prompt(self, prompt_token_ids: list[int], num_new_tokens: int) -> None:
+        """What this engine owns: token ids its embedding has, and a pool that can ever hold
+        the prompt plus `num_new_tokens`. The context limit is checked where requests enter
+        (the coordinator, or `validate`)."""
+        if not prompt_token_ids:
+            raise InvalidRequestError("prompt is empty", "prompt")
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
+            raise InvalidRequestError(
+                f"prompt token ids must be in [0, {self.vocab_size})", "prompt"
+            )
+        needed = self.block_manager.blocks_for(len(prompt_token_ids) + num_new_tokens)
         if needed > self.block_manager.num_blocks:
-            raise OutOfBlocksError(
-                f"request needs {needed} KV blocks; the pool has {self.block_manager.num_blocks}"
+            raise NeverFitsError(
+                f"request needs {needed} KV blocks; the pool has {self.block_manager.num_blocks}",
+                "max_tokens",
             )
 
     def add_request(
@@ -133,40 +119,61 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
 
+    def add_sequence(self, seq: Sequence) -> None:
+        """Admit a sequence built by its owner (a worker), by its status: WAITING is
+        prefilled here; WAITING_FOR_KV has its prompt's KV in its blocks now and decodes."""
+        if seq.status == SequenceStatus.WAITING_FOR_KV:
+            self.scheduler.add_running(seq)
+        else:
+            self.scheduler.add(seq)
+
+    def abort_sequence(self, seq: Sequence) -> bool:
+        """Take `seq` out with reason `abort`; False when it was no longer in the engine."""
+        if seq.is_finished or seq.status == SequenceStatus.PREFILLED:
+            return False
+        self.scheduler.finish(seq, FinishReason.ABORT)
+        return True
+
     # -- stepping --------------------------------------------------------
 
-    def step(self) -> list[Sequence]:
-        """Run one scheduled step; return the sequences that got a new token."""
-        output = self.scheduler.schedule()
-        if output.prefill:
-            return self.prefill(output.prefill)
-        if output.decode:
-            return self.decode_step(output.decode)
-        return []
+    def step(self, on_layer: LayerCallback | None = None) -> StepOutput:
+        """Schedule, run, append: one prefill or one decode step.
 
-    def prefill(
+        `on_layer(layer, chunks)` is called during a prefill forward as soon as
+        `layer`'s K/V of every chunk is in the cache (chunk.start/end give the token
+        range), which is what lets a prefill worker ship KV while the model runs.
+        A step that raises fails its sequences instead of the caller.
+        """
+        scheduled = self.scheduler.schedule()
+        output = StepOutput(num_scheduled=len(scheduled.prefill) + len(scheduled.decode))
+        try:
+            if scheduled.prefill:
+                self._prefill(scheduled.prefill, on_layer, output)
+            elif scheduled.decode:
+                self._decode(scheduled.decode, output)
+        except Exception as error:
+            log.exception("engine step failed; failing its %d sequences", output.num_scheduled)
+            self._fail([c.seq for c in scheduled.prefill] + scheduled.decode, error, output)
+        return output
+
+    def _prefill(
         self,
         chunks: list[ScheduledChunk],
-        on_layer: Callable[[int], None] | None = None,
-        hand_off: bool = False,
-    ) -> list[Sequence]:
-        """Compute the chunks' K/V into their blocks; completed prompts get their first token.
-
-        With `hand_off`, completed prompts do not join this engine's decode batch:
-        they leave with their first token (and `finish_reason` set if that token
-        already ends them) still holding their blocks, for the caller to ship or
-        decode elsewhere. This is the prefill half of disaggregation.
-        """
+        on_layer: LayerCallback | None,
+        output: StepOutput,
+    ) -> None:
+        """Compute the chunks' K/V into their blocks; completed prompts get their first token."""
         start = time.perf_counter()
-        completed, sampled = self.runner.prefill(chunks, on_layer)
+        layer_done = None if on_layer is None else (lambda layer: on_layer(layer, chunks))
+        completed, sampled = self.runner.prefill(chunks, layer_done)
         self.stats.prefill_s += time.perf_counter() - start
         self.stats.num_prefill_tokens += sum(chunk.num_tokens for chunk in chunks)
         for chunk in chunks:
-            self.scheduler.on_prefilled(chunk, hand_off)
-        self._append_tokens(completed, sampled, finish=not hand_off)
-        return completed
+            self.scheduler.on_prefilled(chunk)
+        output.prefilled = completed
+        self._append_tokens(completed, sampled, output)
 
-    def decode_step(self, seqs: list[Sequence]) -> list[Sequence]:
+    def _decode(self, seqs: list[Sequence], output: StepOutput) -> None:
         """One new token for each running sequence."""
         start = time.perf_counter()
         sampled = self.runner.decode(seqs)
@@ -175,8 +182,14 @@ class LLMEngine:
         self.stats.num_decode_steps += 1
         for seq in seqs:
             seq.num_computed_tokens += 1
-        self._append_tokens(seqs, sampled)
-        return seqs
+        output.decoded = seqs
+        self._append_tokens(seqs, sampled, output)
+
+    def _fail(self, seqs: list[Sequence], error: Exception, output: StepOutput) -> None:
+        for seq in seqs:
+            self.scheduler.finish(seq, FinishReason.ERROR)
+        output.prefilled, output.decoded, output.finished = [], [], []
+        output.failed, output.error = seqs, error
 
     def generate(
         self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
@@ -187,21 +200,28 @@ class LLMEngine:
             self.validate(prompt, p)
         seqs = [self.add_request(prompt, p) for prompt, p in zip(prompts, params_list)]
         while not all(seq.is_finished for seq in seqs):
-            self.step()
+            output = self.step()
+            if output.error is not None:
+                raise output.error
         return seqs
 
     def _append_tokens(
-        self, seqs: list[Sequence], sampled: SamplerOutput, finish: bool = True
+        self, seqs: list[Sequence], sampled: SamplerOutput, output: StepOutput
     ) -> None:
+        """Append each sampled token; retire the sequences it ends (a prefill-only one
+        only records why: it has left this engine, its owner ends it)."""
         for seq, token_id, logprob in zip(seqs, sampled.token_ids, sampled.logprobs):
             seq.output_token_ids.append(token_id)
             if logprob is not None:
                 seq.output_logprobs.append(logprob)
             reason = self.finish_reason(seq, token_id)
-            if reason is not None and finish:
-                self.scheduler.finish(seq, reason)
-            elif reason is not None:
+            if reason is None:
+                continue
+            if seq.status == SequenceStatus.PREFILLED:
                 seq.finish_reason = reason
+            else:
+                self.scheduler.finish(seq, reason)
+                output.finished.append(seq)
 
     def finish_reason(self, seq: Sequence, token_id: int) -> str | None:
         """Why `token_id`, just appended to `seq`, ends it; None if it does not."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from disagg.errors import InvalidRequestError
 
@@ -31,8 +31,6 @@ class SamplingParams:
     """EOS and stop tokens are not honoured before this many new tokens."""
     logprobs: int | None = None
     """None: no logprobs; N >= 0: the chosen token's logprob plus the top N alternatives."""
-    extra: dict = field(default_factory=dict, compare=False)
-    """Protocol-specific values carried along untouched."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:

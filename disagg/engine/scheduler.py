@@ -15,22 +15,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from disagg.config import SchedulerConfig
 from disagg.engine.sequence import FinishReason, Sequence, SequenceStatus
 from disagg.kv.block_manager import BlockManager
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 256
-    """Most sequences in the running batch."""
-    max_num_batched_tokens: int = 2048
-    """Most prompt tokens in one prefill step; longer prompts are chunked."""
-
-    def __post_init__(self) -> None:
-        if self.max_num_seqs < 1:
-            raise ValueError("max_num_seqs must be >= 1")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_batched_tokens must be >= 1")
 
 
 @dataclass
@@ -44,15 +31,20 @@ class ScheduledChunk:
     def completes_prompt(self) -> bool:
         return self.num_tokens == self.seq.num_uncomputed_tokens
 
+    @property
+    def start(self) -> int:
+        """First token position of the chunk (valid until the chunk is recorded as computed)."""
+        return self.seq.num_computed_tokens
+
+    @property
+    def end(self) -> int:
+        return self.seq.num_computed_tokens + self.num_tokens
+
 
 @dataclass
 class SchedulerOutput:
     prefill: list[ScheduledChunk] = field(default_factory=list)
     decode: list[Sequence] = field(default_factory=list)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.prefill and not self.decode
 
 
 class Scheduler:
@@ -100,16 +92,16 @@ class Scheduler:
                 return seq
         return None
 
-    def on_prefilled(self, chunk: ScheduledChunk, hand_off: bool = False) -> None:
-        """Record a chunk's K/V as computed. A finished prompt joins the running batch,
-        or with `hand_off` leaves the scheduler holding its blocks (the caller owns them)."""
+    def on_prefilled(self, chunk: ScheduledChunk) -> None:
+        """Record a chunk's K/V as computed. A finished prompt joins the running batch, or,
+        for a prefill-only sequence, leaves the scheduler holding its blocks (PREFILLED)."""
         seq = chunk.seq
         completes = chunk.completes_prompt
         seq.num_computed_tokens += chunk.num_tokens
         if completes:
             self.waiting.remove(seq)
-            if hand_off:
-                seq.status = SequenceStatus.WAITING_FOR_KV
+            if seq.is_prefill_only:
+                seq.status = SequenceStatus.PREFILLED
             else:
                 self.add_running(seq)
 

@@ -14,15 +14,24 @@ _seq_counter = itertools.count()
 
 
 class SequenceStatus(IntEnum):
-    """Ordered: a sequence only ever moves to a larger status (preemption aside)."""
+    """Ordered: a sequence only ever moves to a larger status (preemption aside).
+
+    A sequence lives either on one engine (WAITING -> RUNNING -> FINISHED) or is
+    split across two: the prefill side goes WAITING -> PREFILLED, the decode side
+    WAITING_FOR_KV -> RUNNING -> FINISHED.
+    """
 
     WAITING = 0
     """Queued for prefill on this engine."""
     WAITING_FOR_KV = 1
-    """Blocks allocated; the prompt's KV is arriving from a prefill worker."""
+    """Decode side: blocks reserved by a KV handle; the prompt's KV is arriving from a
+    prefill worker. Set by the decode worker when it allocates the handle."""
     RUNNING = 2
     """Prefilled; produces one token per decode step."""
-    FINISHED = 3
+    PREFILLED = 3
+    """Prefill side of a prefill-only sequence: prompt computed, first token sampled; it
+    left the engine still holding its blocks, which its owner releases once shipped."""
+    FINISHED = 4
 
 
 class FinishReason:
@@ -54,6 +63,8 @@ class Sequence:
     """Tokens whose K/V are in the cache."""
     owns_blocks: bool = True
     """False when the blocks belong to someone else (a KV handle), who frees them."""
+    is_prefill_only: bool = False
+    """Leave the engine once the prompt is computed (PREFILLED): it is decoded elsewhere."""
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None

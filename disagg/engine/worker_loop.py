@@ -1,28 +1,28 @@
-"""A thread that owns an engine: commands in, per-sequence events out.
+"""The loop a worker runs: a thread that owns an engine, typed commands in, events out.
 
 Workers serve gRPC on an asyncio loop, but the engine must step without pause
-and is not thread-safe. So one thread owns it; other threads only enqueue
-commands (`prefill`, `decode`, `abort`), drained between steps, and hear back
-through each sequence's listener, called on this thread.
+and is not thread-safe. So one thread owns it: other threads only enqueue
+commands (`Admit`, `Abort`, `Wake`), drained between steps, and hear back
+through each sequence's listener, called on this thread. Each turn of the loop
+is `engine.step()`; the loop only routes its `StepOutput` to the listeners.
 
-Every prefill here hands off: a completed prompt leaves the batch with its
-first token and its blocks, for its listener to ship (prefill worker) or mark
-READY in place (colocated). Decoding sequences join with their KV already in
-their blocks.
+What a sequence does is its own: a prefill-only sequence leaves after its
+prompt with its first token and its blocks, for its listener to ship
+(prefill worker) or mark READY in place (colocated); one admitted
+WAITING_FOR_KV decodes with its KV already in its blocks.
 """
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from disagg.engine.llm_engine import LLMEngine
 from disagg.engine.scheduler import ScheduledChunk
-from disagg.engine.sequence import FinishReason, Sequence
-
-log = logging.getLogger(__name__)
+from disagg.engine.sequence import Sequence
+from disagg.engine.step_output import StepOutput
 
 
 class SequenceListener:
@@ -35,7 +35,7 @@ class SequenceListener:
         """The whole prompt is computed and `seq` has its first token."""
 
     def on_token(self, seq: Sequence) -> None:
-        """`seq` got one more token (it may also have finished)."""
+        """`seq` got one more token by a decode step (it may also have finished)."""
 
     def on_finished(self, seq: Sequence) -> None:
         """`seq` left the batch; its blocks are free."""
@@ -44,20 +44,45 @@ class SequenceListener:
         """The step that carried `seq` failed; it has been taken out."""
 
 
+@dataclass(frozen=True)
+class Admit:
+    """Add `seq` to the engine (by its status); `listener` hears about it."""
+
+    seq: Sequence
+    listener: SequenceListener
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Take `seq` out if it is still in the engine; its listener hears `on_finished`."""
+
+    seq: Sequence
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Nothing to do but look again: blocks were freed elsewhere, or the loop stops."""
+
+
+Command = Admit | Abort | Wake
+
+
 class EngineLoop:
     def __init__(
         self, engine: LLMEngine, tick: Callable[[], None] | None = None, tick_s: float = 0.5
     ) -> None:
+        """tick: called on the engine thread between steps, at least every tick_s when idle."""
         self.engine = engine
         self._tick = tick
         self._tick_s = tick_s
-        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._commands: queue.Queue[Command] = queue.Queue()
         self._listeners: dict[int, SequenceListener] = {}
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     @property
     def num_sequences(self) -> int:
+        """Sequences in the engine that a listener waits on."""
         return len(self._listeners)
 
     def start(self) -> None:
@@ -65,90 +90,65 @@ class EngineLoop:
 
     def stop(self) -> None:
         self._stopped.set()
-        self._commands.put(lambda: None)
+        self._commands.put(Wake())
         self._thread.join(timeout=10)
 
-    # -- commands (any thread) ----------------------------------------------
-
-    def prefill(self, seq: Sequence, listener: SequenceListener) -> None:
-        self._commands.put(lambda: self._admit(seq, listener, running=False))
-
-    def decode(self, seq: Sequence, listener: SequenceListener) -> None:
-        self._commands.put(lambda: self._admit(seq, listener, running=True))
-
-    def abort(self, seq: Sequence) -> None:
-        self._commands.put(lambda: self._abort(seq))
-
-    def call(self, fn: Callable[[], None]) -> None:
-        """Run `fn` on the engine thread between steps."""
-        self._commands.put(fn)
+    def submit(self, command: Command) -> None:
+        """Enqueue a command from any thread; it runs between two steps."""
+        self._commands.put(command)
 
     # -- the engine thread ----------------------------------------------------
 
     def _run(self) -> None:
+        is_idle = True
         while not self._stopped.is_set():
-            self._drain(block=not self.engine.has_unfinished)
-            if self.engine.has_unfinished and not self._stopped.is_set():
-                self._step()
+            self._drain(block=is_idle)
+            if self._stopped.is_set():
+                return
+            is_idle = True
+            if self.engine.has_unfinished:
+                output = self.engine.step(self._on_layer)
+                self._dispatch(output)
+                is_idle = output.is_idle  # e.g. waiting for blocks: sleep until a Wake
 
     def _drain(self, block: bool) -> None:
         try:
             command = self._commands.get(timeout=self._tick_s) if block else None
             while True:
                 if command is not None:
-                    command()
+                    self._apply(command)
                 command = self._commands.get_nowait()
         except queue.Empty:
             pass
         if self._tick is not None:
             self._tick()
 
-    def _admit(self, seq: Sequence, listener: SequenceListener, running: bool) -> None:
-        self._listeners[seq.seq_id] = listener
-        if running:
-            self.engine.scheduler.add_running(seq)
-        else:
-            self.engine.scheduler.add(seq)
+    def _apply(self, command: Command) -> None:
+        if isinstance(command, Admit):
+            self._listeners[command.seq.seq_id] = command.listener
+            self.engine.add_sequence(command.seq)
+        elif isinstance(command, Abort):
+            listener = self._listeners.pop(command.seq.seq_id, None)
+            if self.engine.abort_sequence(command.seq) and listener is not None:
+                listener.on_finished(command.seq)
 
-    def _abort(self, seq: Sequence) -> None:
-        if seq.is_finished or seq.seq_id not in self._listeners:
-            return
-        self.engine.scheduler.finish(seq, FinishReason.ABORT)
-        self._listeners.pop(seq.seq_id).on_finished(seq)
+    def _on_layer(self, layer: int, chunks: list[ScheduledChunk]) -> None:
+        for chunk in chunks:
+            self._listeners[chunk.seq.seq_id].on_layer(chunk.seq, layer, chunk.start, chunk.end)
 
-    def _step(self) -> None:
-        output = self.engine.scheduler.schedule()
-        seqs = [chunk.seq for chunk in output.prefill] + output.decode
-        try:
-            if output.prefill:
-                self._prefill(output.prefill)
-            elif output.decode:
-                self._decode(output.decode)
-        except Exception as error:
-            log.exception("engine step failed; failing its %d sequences", len(seqs))
-            for seq in seqs:
-                self.engine.scheduler.finish(seq, FinishReason.ERROR)
-                listener = self._listeners.pop(seq.seq_id, None)
-                if listener is not None:
-                    listener.on_error(seq, error)
-
-    def _prefill(self, chunks: list[ScheduledChunk]) -> None:
-        ranges = [
-            (c.seq, c.seq.num_computed_tokens, c.seq.num_computed_tokens + c.num_tokens)
-            for c in chunks
-        ]
-
-        def on_layer(layer: int) -> None:
-            for seq, start, end in ranges:
-                self._listeners[seq.seq_id].on_layer(seq, layer, start, end)
-
-        for seq in self.engine.prefill(chunks, on_layer, hand_off=True):
-            self._listeners.pop(seq.seq_id).on_prefilled(seq)
-
-    def _decode(self, seqs: list[Sequence]) -> None:
-        for seq in self.engine.decode_step(seqs):
+    def _dispatch(self, output: StepOutput) -> None:
+        for seq in output.prefilled:
             listener = self._listeners[seq.seq_id]
-            listener.on_token(seq)
-            if seq.is_finished:
+            if seq.is_prefill_only:
                 del self._listeners[seq.seq_id]
-                listener.on_finished(seq)
+                listener.on_prefilled(seq)
+            else:
+                listener.on_token(seq)
+        for seq in output.decoded:
+            self._listeners[seq.seq_id].on_token(seq)
+        for seq in output.finished:
+            self._listeners.pop(seq.seq_id).on_finished(seq)
+        for seq in output.failed:
+            listener = self._listeners.pop(seq.seq_id, None)
+            if listener is not None:
+                listener.on_error(seq, output.error)

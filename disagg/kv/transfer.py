@@ -5,8 +5,13 @@ sockets, threads and the per-handle bookkeeping that makes zero-copy safe.
 
 Sender: one PUSH socket per decode-worker endpoint, K/V frames sent straight
 from tensor memory. ZeroMQ reads that memory later, from its I/O thread, so
-`finish` waits on the frames' trackers before it announces the handle done:
-once it returns the caller may overwrite the tensors.
+`seal` sends the done message behind the layers and returns a `PendingSend`
+whose trackers say when the caller may overwrite the tensors (`finish` waits
+for that in place). The prefill worker watches pending sends off its compute
+thread, so a receiver that stops reading stalls only its own handles.
+
+The transport stays in the core, both ends together: the prefill worker uses
+the sender, the decode worker the receiver, and the transfer benchmark both.
 
 Receiver: one PULL socket bound on the decode worker and a daemon thread that
 decodes each message into tensors viewing the received frames, checksums them
@@ -64,6 +69,30 @@ class _HandleSends:
     trackers: list[zmq.MessageTracker] = field(default_factory=list)
 
 
+@dataclass
+class PendingSend:
+    """A sealed handle whose frames ZeroMQ may still be reading from tensor memory."""
+
+    done: DoneHeader
+    trackers: list[zmq.MessageTracker]
+    deadline_s: float
+    """time.monotonic() after which the frames count as stuck (a receiver not draining)."""
+    timeout_s: float
+
+    @property
+    def is_sent(self) -> bool:
+        """Every frame has left the process: its tensors may be reused. Thread-safe."""
+        return all(tracker.done for tracker in self.trackers)
+
+    @property
+    def is_overdue(self) -> bool:
+        return not self.is_sent and time.monotonic() >= self.deadline_s
+
+    def wait(self) -> None:
+        """Block until sent; TimeoutError past the deadline."""
+        _wait_all(self.trackers, max(0.0, self.deadline_s - time.monotonic()), self.timeout_s)
+
+
 class KVSender:
     """Sends handles' K/V layer by layer to decode workers. One thread only, like its sockets."""
 
@@ -110,22 +139,35 @@ class KVSender:
         state.layer_ids.add(layer)
 
     def finish(self, endpoint: str, handle_id: str, num_tokens: int, num_layers: int) -> DoneHeader:
-        """Wait until every frame of the handle has left the process, then send done.
+        """`seal` the handle and wait until every frame has left the process.
 
         Returns the done message sent (the handle's K/V bytes and checksum). Once
-        this returns, the tensors given to `send_layer` may be reused. Raises
-        ValueError when some layer in [0, num_layers) was never sent (no done goes
-        out: the decode worker will fail the handle) and TimeoutError when the
-        frames did not leave in time; either way the handle is forgotten.
+        this returns, the tensors given to `send_layer` may be reused. Raises like
+        `seal`, and TimeoutError when the frames did not leave in time.
+        """
+        pending = self.seal(endpoint, handle_id, num_tokens, num_layers)
+        pending.wait()
+        return pending.done
+
+    def seal(self, endpoint: str, handle_id: str, num_tokens: int, num_layers: int) -> PendingSend:
+        """Send the handle's done message now, behind its layers; do not wait for them.
+
+        The done message follows the layers down the same pipe, so the receiver sees
+        it last whatever happens; only the memory of the frames is still in ZeroMQ's
+        hands. The returned `PendingSend` says when the tensors may be reused, and can
+        be watched from another thread, so a slow receiver stalls no one else's sends.
+        Raises ValueError when some layer in [0, num_layers) was never sent (no done
+        goes out: the decode worker will fail the handle); either way the handle is
+        forgotten.
         """
         state = self._pop(endpoint, handle_id)
-        _wait_all(state.trackers, self._send_timeout_s)
         missing = sorted(set(range(num_layers)) - state.layer_ids)
         if missing:
             raise ValueError(f"handle {handle_id}: layers {missing} were never sent")
         done = DoneHeader(handle_id, num_tokens, num_layers, state.checksum, state.nbytes)
-        self._send(self._socket(endpoint), [done.encode()])
-        return done
+        trackers = state.trackers + self._send(self._socket(endpoint), [done.encode()])
+        deadline_s = time.monotonic() + self._send_timeout_s
+        return PendingSend(done, trackers, deadline_s, self._send_timeout_s)
 
     def abort(self, handle_id: str) -> None:
         """Forget a handle without sending done; the decode worker fails it on its own.
@@ -293,13 +335,13 @@ def _wire_ready(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu").contiguous()
 
 
-def _wait_all(trackers: list[zmq.MessageTracker], timeout_s: float) -> None:
+def _wait_all(trackers: list[zmq.MessageTracker], timeout_s: float, limit_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     for tracker in trackers:
         try:
             tracker.wait(max(0.0, deadline - time.monotonic()))
         except zmq.NotDone:
-            raise TimeoutError(f"KV frames still queued after {timeout_s}s") from None
+            raise TimeoutError(f"KV frames still queued after {limit_s}s") from None
 
 
 def _bindable(address: str) -> str:

@@ -29,8 +29,8 @@ DRAIN_TIMEOUT_S = 300.0
 
 
 def is_idle(status: pb.HeartbeatRequest) -> bool:
-    """No sequence, no pending KV handle and no prompt token in flight."""
-    return status.load == 0 and status.outstanding_prompt_tokens == 0
+    """No sequence, no pending KV handle or KV send in flight (all counted in `load`)."""
+    return status.load == 0
 
 
 async def drain(

@@ -1,9 +1,10 @@
 """The Prefill RPC's side of a prompt in the engine loop, shared by both kinds of prefill.
 
 A prefill worker ships each layer's K/V as it is computed and frees its own
-blocks afterwards; a colocated worker computes straight into the handle's
-blocks and has nothing to ship. Everything else (timings, the first token,
-failing the RPC when the sequence is aborted) is the same, and lives here.
+blocks once the frames are out (off the engine thread); a colocated worker
+computes straight into the handle's blocks and has nothing to ship.
+Everything else (timings, the first token, failing the RPC when the sequence
+is aborted) is the same, and lives here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import time
 
 from disagg.engine.sequence import Sequence
-from disagg.engine.worker_loop import EngineLoop, SequenceListener
+from disagg.engine.worker_loop import Abort, Admit, EngineLoop, SequenceListener
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc.convert import logprob_to_proto
 from disagg.rpc.thread_bridge import ThreadSafeFuture
@@ -26,34 +27,26 @@ class PrefillResult(SequenceListener):
         self.future: ThreadSafeFuture[pb.PrefillResponse] = ThreadSafeFuture()
         self._submitted_s = time.perf_counter()
         self._started_s: float | None = None
+        self._computed_s: float | None = None
 
     # -- what differs between the two kinds -----------------------------
 
     def ship(self, seq: Sequence, layer: int, start: int, end: int) -> None:
         """Layer `layer` of tokens [start, end) is computed."""
 
-    def hand_over(self, seq: Sequence) -> tuple[int, int]:
-        """The prompt is computed: make its KV available; return (bytes moved, checksum)."""
-        return 0, 0
+    def hand_over(self, seq: Sequence) -> None:
+        """The prompt is computed: make its KV available, then call `handed_over` (from
+        any thread, possibly later) or `failed`. Raising here counts as `failed`."""
+        self.handed_over(seq, 0, 0)
 
     def abandon(self, seq: Sequence) -> None:
-        """The prompt will not complete."""
+        """The prompt will not complete, or its KV will not be handed over."""
 
-    # -- the engine loop's calls ----------------------------------------
+    # -- results -----------------------------------------------------------
 
-    def on_layer(self, seq: Sequence, layer: int, start: int, end: int) -> None:
-        if self._started_s is None:
-            self._started_s = time.perf_counter()
-        self.ship(seq, layer, start, end)
-
-    def on_prefilled(self, seq: Sequence) -> None:
-        computed_s = time.perf_counter()
-        try:
-            nbytes, checksum = self.hand_over(seq)
-        except Exception as error:
-            self.abandon(seq)
-            self.future.set_exception(error)
-            return
+    def handed_over(self, seq: Sequence, nbytes: int, checksum: int) -> None:
+        """Answer the RPC: the KV is where the handle says (`nbytes` moved, `checksum`)."""
+        computed_s = self._computed_s or time.perf_counter()
         started_s = self._started_s or computed_s
         self.future.set_result(
             pb.PrefillResponse(
@@ -70,20 +63,37 @@ class PrefillResult(SequenceListener):
             )
         )
 
-    def on_finished(self, seq: Sequence) -> None:
-        self.abandon(seq)
-        self.future.set_exception(PrefillAborted(f"prefill of {seq.request_id} was aborted"))
-
-    def on_error(self, seq: Sequence, error: Exception) -> None:
+    def failed(self, seq: Sequence, error: Exception) -> None:
         self.abandon(seq)
         self.future.set_exception(error)
 
+    # -- the engine loop's calls ----------------------------------------
+
+    def on_layer(self, seq: Sequence, layer: int, start: int, end: int) -> None:
+        if self._started_s is None:
+            self._started_s = time.perf_counter()
+        self.ship(seq, layer, start, end)
+
+    def on_prefilled(self, seq: Sequence) -> None:
+        self._computed_s = time.perf_counter()
+        try:
+            self.hand_over(seq)
+        except Exception as error:
+            self.failed(seq, error)
+
+    def on_finished(self, seq: Sequence) -> None:
+        self.failed(seq, PrefillAborted(f"prefill of {seq.request_id} was aborted"))
+
+    def on_error(self, seq: Sequence, error: Exception) -> None:
+        self.failed(seq, error)
+
 
 async def run_prefill(loop: EngineLoop, seq: Sequence, result: PrefillResult) -> pb.PrefillResponse:
-    """Submit and wait; a cancelled RPC takes the sequence out of the engine."""
-    loop.prefill(seq, result)
+    """Submit a prefill-only sequence and wait; a cancelled RPC takes it out of the engine."""
+    seq.is_prefill_only = True
+    loop.submit(Admit(seq, result))
     try:
         return await result.future
     except BaseException:
-        loop.abort(seq)
+        loop.submit(Abort(seq))
         raise

@@ -9,12 +9,13 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import grpc
 import torch
 
 from disagg import tracing
+from disagg.config import WorkerConfig
+from disagg.engine.llm_engine import LLMEngine
 from disagg.ports import add_grpc_port, grpc_server
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc.drain import DRAIN_SETTLE_S, DRAIN_TIMEOUT_S, drain
@@ -24,29 +25,22 @@ from disagg.rpc.registration import WorkerRegistration
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class WorkerConfig:
-    coordinator: str = "127.0.0.1:50050"
-    """host:port of the coordinator's control (registry) server."""
-    host: str = "0.0.0.0"
-    """Address the worker's gRPC server binds."""
-    port: int = 0
-    """gRPC port; 0 picks a free one, which is then advertised."""
-    advertise_host: str = "127.0.0.1"
-    """Host other machines use to reach this worker (gRPC and ZeroMQ)."""
-    worker_id: str = ""
-    """Unique name; defaults to role-hostname-pid."""
-    threads: int = 0
-    """torch intra-op threads; 0 leaves torch's default."""
+def resolved_id(config: WorkerConfig, role: str) -> str:
+    """The configured worker id, or role-hostname-pid."""
+    return config.worker_id or f"{role}-{socket.gethostname()}-{os.getpid()}"
 
-    def __post_init__(self) -> None:
-        if ":" not in self.coordinator:
-            raise ValueError(f"coordinator must be HOST:PORT, got {self.coordinator!r}")
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
 
-    def resolved_id(self, role: str) -> str:
-        return self.worker_id or f"{role}-{socket.gethostname()}-{os.getpid()}"
+def worker_info(engine: LLMEngine, role: str, worker_id: str) -> pb.WorkerInfo:
+    """Who the worker is and the limits every request must fit (the address comes later)."""
+    return pb.WorkerInfo(
+        worker_id=worker_id,
+        role=role,
+        model=engine.loaded.name,
+        total_kv_blocks=engine.block_manager.num_blocks,
+        block_size=engine.block_manager.block_size,
+        vocab_size=engine.vocab_size,
+        max_model_len=engine.max_model_len,
+    )
 
 
 def apply_threads(config: WorkerConfig) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import grpc
 import pytest
 import torch
@@ -40,9 +42,10 @@ def local_kv_checksum(loaded, prompt_ids: list[int]) -> int:
     """What the prefill worker's frames should hash to, computed here with our own engine."""
     engine = LLMEngine(EngineConfig(dtype="float32", num_kv_blocks=64), loaded=loaded)
     seq = engine.add_request(prompt_ids, GREEDY)
+    seq.is_prefill_only = True  # as on the prefill worker: it leaves with its blocks
     checksum = 0
 
-    def on_layer(layer: int) -> None:
+    def on_layer(layer: int, chunks: list) -> None:
         nonlocal checksum
         k, v = engine.kv_cache.token_range(layer, seq.block_table, 0, len(prompt_ids))
         checksum = combine(checksum, frame_checksum(layer, 0, k, v))
@@ -50,8 +53,7 @@ def local_kv_checksum(loaded, prompt_ids: list[int]) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the worker runs: the same kernels give the same bits
     try:
-        chunks = engine.scheduler.schedule().prefill
-        engine.prefill(chunks, on_layer, hand_off=True)
+        engine.step(on_layer)
     finally:
         torch.set_num_threads(threads)
     return checksum
@@ -61,7 +63,11 @@ def test_decode_worker_holds_exactly_the_kv_the_prefill_worker_computed(cluster,
     prompt_ids = encode_prompt(default_fp32.tokenizer, PROMPT)
     prefill, decode = stubs(cluster)
     handle = decode.Allocate(
-        pb.AllocateRequest(request_id="kv-check", prompt_token_ids=prompt_ids, max_new_tokens=12),
+        pb.AllocateRequest(
+            request_id="kv-check",
+            prompt_token_ids=prompt_ids,
+            sampling=sampling_to_proto(replace(GREEDY, max_tokens=12)),
+        ),
         timeout=10,
     )
     reply = prefill.Prefill(
@@ -77,11 +83,7 @@ def test_decode_worker_holds_exactly_the_kv_the_prefill_worker_computed(cluster,
     assert reply.kv_checksum == local_kv_checksum(default_fp32, prompt_ids)
     # The decode worker only decodes from a handle whose received bytes hash to the
     # sender's checksum; the tokens then prove those bytes are the right KV.
-    request = pb.DecodeRequest(
-        handle_id=handle.handle_id,
-        first_token_id=reply.first_token_id,
-        sampling=sampling_to_proto(GREEDY),
-    )
+    request = pb.DecodeRequest(handle_id=handle.handle_id, first_token_id=reply.first_token_id)
     tokens = [reply.first_token_id] + [e.token_id for e in decode.Decode(request, timeout=60)]
     assert tokens == reference_tokens(default_fp32.model, prompt_ids, 12)
     cluster.wait_all_blocks_free()
@@ -91,7 +93,11 @@ def test_a_corrupted_frame_fails_the_request_and_frees_its_blocks(cluster):
     _, decode = stubs(cluster)
     prompt_ids = list(range(100, 140))
     handle = decode.Allocate(
-        pb.AllocateRequest(request_id="corrupt", prompt_token_ids=prompt_ids, max_new_tokens=4),
+        pb.AllocateRequest(
+            request_id="corrupt",
+            prompt_token_ids=prompt_ids,
+            sampling=sampling_to_proto(replace(GREEDY, max_tokens=4)),
+        ),
         timeout=10,
     )
     layout = handle.layout
@@ -110,9 +116,7 @@ def test_a_corrupted_frame_fails_the_request_and_frees_its_blocks(cluster):
     done = DoneHeader(handle.handle_id, len(prompt_ids), layout.num_layers, checksum, 0)
     socket.send_multipart([done.encode()])
     socket.close(linger=5000)
-    request = pb.DecodeRequest(
-        handle_id=handle.handle_id, first_token_id=5, sampling=sampling_to_proto(GREEDY)
-    )
+    request = pb.DecodeRequest(handle_id=handle.handle_id, first_token_id=5)
     with pytest.raises(grpc.RpcError) as info:
         list(decode.Decode(request, timeout=30))
     assert info.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)

@@ -108,7 +108,7 @@ def test_worker_health_follows_registration_and_stopping():
 def worker_info(role: str, model: str) -> pb.WorkerInfo:
     return pb.WorkerInfo(
         worker_id=f"{role}-0", role=role, model=model, address="127.0.0.1:1",
-        capacity=1, total_kv_blocks=8, block_size=16,
+        total_kv_blocks=8, block_size=16, vocab_size=49152, max_model_len=8192,
     )  # fmt: skip
 
 

@@ -1,0 +1,205 @@
+"""Every setting of every component, in one place: frozen dataclasses, one per component.
+
+Each field has a default and a one-line docstring; `launcher/options.py` turns
+the fields into command-line flags and `DISAGG_*` environment variables (the
+default written once, here; the help text is the docstring). Each class checks
+itself in `__post_init__` and names the offending field in the error.
+
+Flag names come from field names: `max_num_seqs` -> `--max-num-seqs`, with a
+leading `num_` and a unit suffix (`_s`, `_bytes`) dropped, so `num_kv_blocks`
+is `--kv-blocks` and `ready_timeout_s` is `--ready-timeout`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from disagg.errors import DisaggError
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Transport = Literal["tcp", "ipc"]
+Mode = Literal["disaggregated", "colocated"]
+
+
+class ConfigError(DisaggError, ValueError):
+    """A setting is out of range; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def require(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(field, message)
+
+
+def require_port(port: int, field: str, allow_any: bool = False) -> None:
+    low = 0 if allow_any else 1
+    require(low <= port < 65536, field, f"must be in [{low}, 65535], got {port}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    """Most sequences in the running batch."""
+    max_num_batched_tokens: int = 2048
+    """Most prompt tokens in one prefill step; longer prompts are chunked."""
+
+    def __post_init__(self) -> None:
+        require(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "default"
+    """`default`, a .gguf file, or a local HF model directory."""
+    device: str = "cpu"
+    """cpu, cuda or cuda:N."""
+    dtype: Dtype = "auto"
+    """auto = bfloat16 where the hardware computes it natively, else float32."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    kv_cache_memory_bytes: int = 1 << 30
+    """Memory budget of the KV pool in bytes, used when num_kv_blocks is not given."""
+    num_kv_blocks: int | None = None
+    """Exact KV pool size in blocks; overrides the memory budget."""
+    max_num_seqs: int = 256
+    """Most sequences decoding together."""
+    max_num_batched_tokens: int = 2048
+    """Most prompt tokens in one prefill forward; longer prompts are chunked."""
+    max_model_len: int | None = None
+    """Context limit (prompt + output) in tokens; defaults to the model's."""
+
+    def __post_init__(self) -> None:
+        require(self.block_size >= 1, "block_size", "must be >= 1")
+        blocks = self.num_kv_blocks
+        require(blocks is None or blocks >= 1, "num_kv_blocks", "must be >= 1")
+        require(self.kv_cache_memory_bytes >= 1, "kv_cache_memory_bytes", "must be >= 1")
+        require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", ">= 1")
+        self.scheduler  # noqa: B018 -- validates max_num_seqs and max_num_batched_tokens
+
+    @property
+    def scheduler(self) -> SchedulerConfig:
+        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    coordinator: str = "127.0.0.1:50050"
+    """host:port of the coordinator's control (registry) server."""
+    host: str = "0.0.0.0"
+    """Address the worker's gRPC server binds."""
+    port: int = 0
+    """gRPC port; 0 picks a free one, which is then advertised."""
+    advertise_host: str = "127.0.0.1"
+    """Host other machines use to reach this worker (gRPC and ZeroMQ)."""
+    worker_id: str = ""
+    """Unique name; defaults to role-hostname-pid."""
+    threads: int = 0
+    """torch intra-op threads; 0 leaves torch's default."""
+
+    def __post_init__(self) -> None:
+        require(":" in self.coordinator, "coordinator", f"must be HOST:PORT: {self.coordinator!r}")
+        require_port(self.port, "port", allow_any=True)
+        require(self.threads >= 0, "threads", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DecodeWorkerConfig:
+    colocated: bool = False
+    """Also serve Prefill, computing KV in place (the baseline role)."""
+    kv_transport: Transport = "tcp"
+    """How KV arrives: tcp (works across hosts) or ipc (same host only)."""
+    ready_timeout_s: float = 30.0
+    """Seconds for a handle's KV to arrive before the handle is freed."""
+    claim_timeout_s: float = 30.0
+    """Seconds for a Decode to claim a READY handle before it is freed."""
+
+    def __post_init__(self) -> None:
+        require(self.kv_transport in ("tcp", "ipc"), "kv_transport", "must be tcp or ipc")
+        require(self.ready_timeout_s > 0, "ready_timeout_s", "must be > 0")
+        require(self.claim_timeout_s > 0, "claim_timeout_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+    allocate_timeout_s: float = 5.0
+    """Deadline of an Allocate call, in seconds."""
+    prefill_timeout_s: float = 300.0
+    """Deadline of a Prefill call, in seconds (long prompts on a CPU take a while)."""
+    decode_timeout_s: float = 3600.0
+    """Deadline of a whole Decode stream, in seconds."""
+    free_timeout_s: float = 5.0
+    """Deadline of a Free call, in seconds."""
+
+    def __post_init__(self) -> None:
+        for name in ("allocate_timeout_s", "prefill_timeout_s", "decode_timeout_s"):
+            require(getattr(self, name) > 0, name, "must be > 0")
+        require(self.free_timeout_s > 0, "free_timeout_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    model: str = "default"
+    """Model whose tokenizer and limits the front door uses; workers must serve the same."""
+    served_model_name: str = ""
+    """Name clients use in `model`; defaults to the model's own name."""
+    host: str = "0.0.0.0"
+    """Address the HTTP, KServe gRPC and control servers bind."""
+    http_port: int = 8000
+    """OpenAI and KServe REST."""
+    grpc_port: int = 8001
+    """KServe V2 gRPC (inference.GRPCInferenceService)."""
+    control_port: int = 50050
+    """Worker registry (Register, Heartbeat)."""
+    heartbeat_interval_s: float = 1.0
+    """Seconds between a worker's reports."""
+    heartbeat_timeout_s: float = 3.0
+    """A worker silent this many seconds is out of rotation."""
+    max_waiting: int = 256
+    """Requests that may wait for KV room before new ones are refused."""
+    queue_timeout_s: float = 30.0
+    """Longest wait for KV room, in seconds."""
+
+    def __post_init__(self) -> None:
+        for name in ("http_port", "grpc_port", "control_port"):
+            require_port(getattr(self, name), name)
+        require(self.heartbeat_interval_s > 0, "heartbeat_interval_s", "must be > 0")
+        require(
+            self.heartbeat_timeout_s > self.heartbeat_interval_s,
+            "heartbeat_timeout_s",
+            "must exceed heartbeat_interval_s",
+        )
+        require(self.max_waiting >= 0, "max_waiting", "must be >= 0")
+        require(self.queue_timeout_s > 0, "queue_timeout_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    mode: Mode = "disaggregated"
+    """disaggregated (prefill and decode workers) or colocated (workers doing both)."""
+    num_prefill_workers: int = 1
+    """Prefill worker processes (disaggregated mode)."""
+    num_decode_workers: int = 1
+    """Decode (or colocated) worker processes."""
+    kv_transport: Transport = "ipc"
+    """How KV crosses between this machine's workers: ipc or tcp."""
+    worker_threads: int = 0
+    """torch threads per worker; 0 splits the machine's cores evenly."""
+    restart_drained: bool = False
+    """Restart a worker that exited 0 after SIGTERM drained it (a rolling restart)."""
+
+    def __post_init__(self) -> None:
+        require(self.mode in ("disaggregated", "colocated"), "mode", "disaggregated|colocated")
+        require(self.num_decode_workers >= 1, "num_decode_workers", "must be >= 1")
+        needs_prefill = self.mode == "disaggregated"
+        require(
+            self.num_prefill_workers >= 1 or not needs_prefill,
+            "num_prefill_workers",
+            "must be >= 1 in disaggregated mode",
+        )
+        require(self.kv_transport in ("tcp", "ipc"), "kv_transport", "must be tcp or ipc")
+        require(self.worker_threads >= 0, "worker_threads", "must be >= 0")
