@@ -13,8 +13,9 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from coordinator.dispatcher import Dispatcher, RequestTrace
+from coordinator.cluster_scheduler import ClusterScheduler
 from coordinator.metrics import Metrics
+from coordinator.request_timing import RequestTrace
 from disagg.engine.sampling_params import SamplingParams
 from disagg.engine.sequence import TokenLogprob
 from disagg.errors import InvalidRequestError
@@ -59,8 +60,8 @@ class Completion:
 
 
 class Generator:
-    def __init__(self, dispatcher: Dispatcher, model: ModelInfo, metrics: Metrics) -> None:
-        self.dispatcher = dispatcher
+    def __init__(self, scheduler: ClusterScheduler, model: ModelInfo, metrics: Metrics) -> None:
+        self.scheduler = scheduler
         self.model = model
         self.metrics = metrics
         self.num_running = 0
@@ -76,6 +77,7 @@ class Generator:
                 f"({request.params.max_tokens}) exceeds the model's context of {limit} tokens",
                 "max_tokens",
             )
+        self.scheduler.check_fits(len(request.prompt_ids), request.params)
 
     async def stream(
         self, request: GenerationRequest, trace: RequestTrace
@@ -83,7 +85,7 @@ class Generator:
         """Text as it is generated. Closing the iterator early cancels the request."""
         self.check(request)
         text = TextStream(self.model.tokenizer, stop=request.params.stop)
-        tokens = self.dispatcher.generate(request.prompt_ids, request.params, trace)
+        tokens = self.scheduler.generate(request.prompt_ids, request.params, trace)
         pending_ids: list[int] = []
         pending_logprobs: list[TokenLogprob] = []
         count, status = 0, "error"
@@ -125,19 +127,3 @@ class Generator:
             logprobs += chunk.logprobs
             reason = chunk.finish_reason or reason
         return Completion("".join(parts), ids, logprobs, reason, len(request.prompt_ids), trace)
-
-
-def timings(trace: RequestTrace) -> dict:
-    """Per-response timings, for a key or header that standard clients ignore."""
-    return {
-        "ttft_s": trace.ttft_s,
-        "mean_tbt_s": trace.mean_tbt_s,
-        "queue_s": trace.queue_s,
-        "prefill_s": trace.prefill_s,
-        "kv_transfer_s": trace.kv_transfer_s,
-        "first_decode_gap_s": next(iter(trace.tbt_s), None),
-        "kv_bytes": trace.kv_bytes,
-        "prefill_worker": trace.prefill_worker,
-        "decode_worker": trace.decode_worker,
-        "e2e_s": time.time() - trace.arrival_s,
-    }

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from coordinator.dispatcher import RequestTrace
 from coordinator.errors import NotFoundError, classify
 from coordinator.frontend import SERVER_NAME, SERVER_VERSION, Frontend
 from coordinator.generation import DEFAULT_TENANT, Completion, GenerationRequest
@@ -44,6 +43,7 @@ from coordinator.kserve_tensors import (
     tensor_to_bytes,
     timing_parameters,
 )
+from coordinator.request_timing import RequestTrace
 from disagg.errors import InvalidRequestError
 
 if TYPE_CHECKING:

@@ -36,7 +36,6 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from coordinator.dispatcher import RequestTrace
 from coordinator.errors import MAX_BODY_BYTES, NotFoundError, TooLargeError, classify
 from coordinator.frontend import SERVER_NAME, SERVER_VERSION, Frontend
 from coordinator.generation import DEFAULT_TENANT, Completion, GenerationRequest, TextChunk
@@ -56,6 +55,7 @@ from coordinator.kserve_tensors import (
     tensor_to_bytes,
     timing_parameters,
 )
+from coordinator.request_timing import RequestTrace
 from disagg.errors import InvalidRequestError
 
 T = TypeVar("T")

@@ -26,8 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from coordinator.dispatcher import RequestTrace
-from coordinator.generation import timings
+from coordinator.request_timing import merged_timings
 from disagg.engine.sampling_params import SamplingParams
 from disagg.errors import InvalidRequestError
 from disagg.model.tokenizer import apply_chat_template, encode_prompt
@@ -396,22 +395,4 @@ def output_tensors(
     ]
 
 
-def timing_parameters(traces: Sequence[RequestTrace]) -> dict[str, float | int | str]:
-    """Per-response timings as flat scalars, since V2 parameters hold nothing else.
-
-    For a batch the response is as slow as its slowest prompt, so each time is the maximum;
-    `kv_bytes` is the sum and the worker names are the distinct ones, comma-separated.
-    """
-    rows = [timings(trace) for trace in traces]
-    merged: dict[str, float | int | str] = {}
-    for key in rows[0] if rows else ():
-        values = [row[key] for row in rows if row[key] not in (None, "")]
-        if not values:
-            continue
-        if key == "kv_bytes":
-            merged[key] = sum(values)
-        elif isinstance(values[0], str):
-            merged[key] = ",".join(sorted(set(values)))
-        else:
-            merged[key] = max(values)
-    return merged
+timing_parameters = merged_timings

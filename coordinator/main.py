@@ -13,7 +13,7 @@ import uvicorn
 from coordinator import kserve_grpc
 from coordinator.admission import Admission
 from coordinator.app import build_app
-from coordinator.dispatcher import DispatchConfig, Dispatcher
+from coordinator.cluster_scheduler import ClusterScheduler, DispatchConfig
 from coordinator.frontend import Frontend
 from coordinator.generation import Generator
 from coordinator.metrics import Metrics
@@ -72,10 +72,10 @@ async def run(config: CoordinatorConfig) -> None:
     registry = WorkerRegistry(config.heartbeat_interval_s, config.heartbeat_timeout_s)
     admission = Admission(config.max_waiting, config.queue_timeout_s)
     registry.on_change(admission.notify)
-    dispatcher = Dispatcher(registry, admission, DispatchConfig())
+    scheduler = ClusterScheduler(registry, admission, DispatchConfig())
     metrics = Metrics(served_name)
     frontend = Frontend(
-        Generator(dispatcher, model, metrics), model, served_name, registry, admission, metrics
+        Generator(scheduler, model, metrics), model, served_name, registry, admission, metrics
     )
 
     control = grpc.aio.server()

@@ -17,12 +17,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from coordinator.dispatcher import RequestTrace
 from coordinator.errors import MAX_BODY_BYTES, NotFoundError, TooLargeError, classify
 from coordinator.frontend import Frontend
-from coordinator.generation import Completion, TextChunk, timings
+from coordinator.generation import Completion, TextChunk
 from coordinator.openai_protocol import ParsedRequest, parse_chat, parse_completion
 from coordinator.openai_shapes import ChatShape, CompletionShape, Shape, usage
+from coordinator.request_timing import RequestTrace, timings
 from disagg.errors import InvalidRequestError
 
 

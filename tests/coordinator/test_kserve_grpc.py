@@ -22,10 +22,10 @@ import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
-from coordinator.dispatcher import RequestTrace
 from coordinator.errors import NotFoundError
 from coordinator.generation import Completion, GenerationRequest, TextChunk
 from coordinator.kserve_grpc import FINAL_FLAG, KServeServicer, input_tensors, parse_job, set_params
+from coordinator.request_timing import RequestTrace
 from disagg.errors import InvalidRequestError
 from disagg.model.tokenizer import apply_chat_template, encode_prompt
 from tests.cluster_harness import ServeProcess, wait_until

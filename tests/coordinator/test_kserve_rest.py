@@ -21,8 +21,8 @@ from starlette.testclient import TestClient
 
 from coordinator import kserve_rest
 from coordinator.admission import Admission, OverloadedError
-from coordinator.dispatcher import TokenUpdate, WorkerError
-from coordinator.errors import MAX_BODY_BYTES
+from coordinator.cluster_scheduler import TokenUpdate
+from coordinator.errors import MAX_BODY_BYTES, WorkerError
 from coordinator.frontend import Frontend
 from coordinator.generation import Generator
 from coordinator.kserve_tensors import pack_bytes, unpack_bytes
@@ -66,6 +66,9 @@ class EchoDispatcher:
         self.delay_s = delay_s
         self.fail, self.fail_after = fail, fail_after
         self.num_started = self.num_freed = self.num_tokens = 0
+
+    def check_fits(self, num_prompt_tokens, params) -> None:
+        pass
 
     @property
     def num_open(self) -> int:
@@ -387,7 +390,7 @@ def test_errors_are_json_with_the_right_status(
     reply = client.request(method, path, content=content, headers=headers)
     assert reply.status_code == status, reply.text
     assert isinstance(reply.json()["error"], str) and reply.json()["error"]
-    assert frontend.generator.dispatcher.num_open == 0
+    assert frontend.generator.scheduler.num_open == 0
     assert infer(client, GOOD).status_code == 200  # and the server still serves
 
 
