@@ -1,4 +1,5 @@
-"""KServe V2 gRPC: protobuf in and out on its own, then `tritonclient.grpc` against a cluster.
+"""KServe V2 gRPC: protobuf in and out on its own, then `tritonclient.grpc` against the
+in-process cluster (tiny model), and token-exactness on a real `disagg serve` (slow).
 
 NOTE: this process imports tritonclient's generated messages, never disagg's (both
 define package `inference`, and protobuf refuses the second); the in-process
@@ -260,9 +261,8 @@ DEADLINE_S = 60.0
 
 
 @pytest.fixture(scope="module")
-def serve():
-    with ServeProcess("--prefill-workers", "1", "--decode-workers", "1") as serve:
-        yield serve
+def serve(inprocess_cluster):
+    return inprocess_cluster
 
 
 @pytest.fixture(scope="module")
@@ -272,11 +272,15 @@ def client(serve):
     client.close()
 
 
-@pytest.fixture(scope="module")
-def expected(default_fp32) -> dict[str, str]:
+def greedy_texts(loaded) -> dict[str, str]:
     """transformers' greedy text for every prompt."""
-    tok = default_fp32.tokenizer
-    return {p: reference_text(default_fp32, encode_prompt(tok, p), NEW_TOKENS) for p in PROMPTS}
+    tok = loaded.tokenizer
+    return {p: reference_text(loaded, encode_prompt(tok, p), NEW_TOKENS) for p in PROMPTS}
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_fp32) -> dict[str, str]:
+    return greedy_texts(tiny_fp32)
 
 
 def text_input(prompts: list[str], name: str = "text_input") -> triton.InferInput:
@@ -291,8 +295,8 @@ def status_of(call) -> str:
     return info.value.status()
 
 
-def test_health_and_metadata(client, default_fp32):
-    name = default_fp32.name
+def test_health_and_metadata(client, tiny_fp32):
+    name = tiny_fp32.name
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready(name) and not client.is_model_ready("nope")
     assert client.get_server_metadata().name == "disagg"
@@ -303,11 +307,9 @@ def test_health_and_metadata(client, default_fp32):
     assert status_of(lambda: client.get_model_metadata("nope")) == "StatusCode.NOT_FOUND"
 
 
-def test_infer_greedy_equals_transformers(client, default_fp32, expected):
+def check_infer_greedy(client, name: str, expected: dict[str, str]) -> None:
     prompt = PROMPTS[0]
-    result = client.infer(
-        default_fp32.name, [text_input([prompt])], request_id="req-1", parameters=GREEDY
-    )
+    result = client.infer(name, [text_input([prompt])], request_id="req-1", parameters=GREEDY)
     assert result.as_numpy("text_output")[0].decode() == expected[prompt]
     assert result.as_numpy("finish_reason").tolist() == [b"length"]
     assert result.as_numpy("token_count").tolist() == [NEW_TOKENS]
@@ -315,19 +317,33 @@ def test_infer_greedy_equals_transformers(client, default_fp32, expected):
     assert response.id == "req-1" and response.parameters["ttft_s"].double_param > 0
 
 
-def test_infer_batch_of_two_runs_both(client, default_fp32, expected):
-    result = client.infer(default_fp32.name, [text_input(PROMPTS)], parameters=GREEDY)
+def test_infer_greedy_equals_transformers(client, tiny_fp32, expected):
+    check_infer_greedy(client, tiny_fp32.name, expected)
+
+
+@pytest.mark.slow
+def test_real_model_infer_over_the_wire_equals_transformers(default_fp32):
+    with ServeProcess("--prefill-workers", "1", "--decode-workers", "1") as serve:
+        client = triton.InferenceServerClient(f"127.0.0.1:{serve.grpc_port}")
+        try:
+            check_infer_greedy(client, default_fp32.name, greedy_texts(default_fp32))
+        finally:
+            client.close()
+
+
+def test_infer_batch_of_two_runs_both(client, tiny_fp32, expected):
+    result = client.infer(tiny_fp32.name, [text_input(PROMPTS)], parameters=GREEDY)
     texts = [t.decode() for t in result.as_numpy("text_output")]
     assert texts == [expected[p] for p in PROMPTS]
 
 
-def test_infer_chat_messages(client, default_fp32):
+def test_infer_chat_messages(client, tiny_fp32):
     messages = [{"role": "user", "content": "Say hi."}]
-    tok = default_fp32.tokenizer
-    tokens = reference_tokens(default_fp32.model, apply_chat_template(tok, messages), 8)
+    tok = tiny_fp32.tokenizer
+    tokens = reference_tokens(tiny_fp32.model, apply_chat_template(tok, messages), 8)
     tensor = text_input([json.dumps(m) for m in messages], name="messages")
     params = {"max_tokens": 8, "temperature": 0}
-    result = client.infer(default_fp32.name, [tensor], parameters=params)
+    result = client.infer(tiny_fp32.name, [tensor], parameters=params)
     assert result.as_numpy("text_output")[0].decode() == tok.decode(
         tokens, skip_special_tokens=True
     )
@@ -345,13 +361,13 @@ def collect_stream(responses: queue.Queue, num_final: int) -> list:
     return got
 
 
-def test_stream_deltas_concatenate_to_the_greedy_text(client, default_fp32, expected):
+def test_stream_deltas_concatenate_to_the_greedy_text(client, tiny_fp32, expected):
     responses: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     try:
         for i, prompt in enumerate(PROMPTS):  # two requests in flight on one stream
             client.async_stream_infer(
-                default_fp32.name, [text_input([prompt])], request_id=f"s{i}", parameters=GREEDY
+                tiny_fp32.name, [text_input([prompt])], request_id=f"s{i}", parameters=GREEDY
             )
         got = collect_stream(responses, len(PROMPTS))
     finally:
@@ -367,8 +383,8 @@ def test_stream_deltas_concatenate_to_the_greedy_text(client, default_fp32, expe
         assert mine[-1].as_numpy("finish_reason").tolist() == [b"length"]
 
 
-def test_bad_requests_get_status_codes_and_free_everything(serve, client, default_fp32):
-    name = default_fp32.name
+def test_bad_requests_get_status_codes_and_free_everything(serve, client, tiny_fp32):
+    name = tiny_fp32.name
     good = [text_input([PROMPTS[0]])]
     assert status_of(lambda: client.infer("nope", good)) == "StatusCode.NOT_FOUND"
     wrong_name = [text_input([PROMPTS[0]], name="input_ids")]
