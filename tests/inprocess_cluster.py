@@ -8,7 +8,7 @@ stopping the cluster calls them, which is what a signal would do. Every listener
 port (workers bind port 0 themselves).
 
 It mirrors `tests.cluster_harness.ServeProcess` (`url`, `http_port`, `grpc_port`,
-`cluster()`, `wait_all_blocks_free()`), so a test can run on either.
+`cluster()`, `completion()`, `wait_all_blocks_free()`), so a test can run on either.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from unittest import mock
 
-from tests.cluster_harness import port_is_free, wait_until
+from tests.cluster_harness import port_is_free, post_json, wait_until
 
 TINY_MODEL_NAME = "tiny-smollm2"
 TOKENIZER_FILES = (
@@ -201,6 +201,9 @@ class InProcessCluster:
     def cluster(self) -> dict:
         with urllib.request.urlopen(f"{self.url}/cluster", timeout=10) as response:
             return json.load(response)
+
+    def completion(self, prompt: str | list[int], **fields: object) -> tuple[int, dict]:
+        return post_json(f"{self.url}/v1/completions", {"prompt": prompt, **fields})
 
     def wait_all_blocks_free(self, timeout_s: float = 30.0) -> None:
         def all_free() -> bool:
