@@ -25,6 +25,11 @@ from disagg.model.tokenizer import TextStream
 DEFAULT_TENANT = "default"
 
 
+def resolve_tenant(*candidates: str | None) -> str:
+    """The first tenant a request names, in the protocol's order of precedence; else default."""
+    return next((c for c in candidates if c), DEFAULT_TENANT)
+
+
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]
@@ -118,8 +123,7 @@ class Generator:
             )
             await tokens.aclose()  # a stop string or a gone client frees the KV now
 
-    async def complete(self, request: GenerationRequest) -> Completion:
-        trace = RequestTrace(request.request_id)
+    async def complete(self, request: GenerationRequest, trace: RequestTrace) -> Completion:
         parts, ids, logprobs, reason = [], [], [], "length"
         async for chunk in self.stream(request, trace):
             parts.append(chunk.text)

@@ -24,6 +24,7 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
 from coordinator.errors import NotFoundError
+from coordinator.frontend import Frontend
 from coordinator.generation import Completion, GenerationRequest, TextChunk
 from coordinator.kserve_grpc import FINAL_FLAG, KServeServicer, input_tensors, parse_job, set_params
 from coordinator.request_timing import RequestTrace
@@ -68,20 +69,15 @@ class FakeGenerator:
         finally:
             self.closed.append(text)
 
-    async def complete(self, request: GenerationRequest) -> Completion:
-        trace = RequestTrace(request.request_id)
+    async def complete(self, request: GenerationRequest, trace: RequestTrace) -> Completion:
         text = "".join([c.text async for c in self.stream(request, trace)])
         return Completion(text, [1, 2, 3], [], "stop", len(request.prompt_ids), trace)
 
 
-def fake_frontend() -> SimpleNamespace:
-    return SimpleNamespace(
-        model=SimpleNamespace(tokenizer=FakeTokenizer()),
-        served_name="m",
-        knows_model=lambda name: name == "m",
-        is_ready=True,
-        generator=FakeGenerator(),
-    )
+def fake_frontend() -> Frontend:
+    registry = SimpleNamespace(healthy=lambda role: [role])
+    model = SimpleNamespace(tokenizer=FakeTokenizer(), name="m")
+    return Frontend(FakeGenerator(), model, "m", registry, None, None)
 
 
 def infer_request(

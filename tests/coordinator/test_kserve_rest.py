@@ -25,7 +25,7 @@ from coordinator.cluster_scheduler import TokenUpdate
 from coordinator.errors import MAX_BODY_BYTES, WorkerError
 from coordinator.frontend import Frontend
 from coordinator.generation import Generator
-from coordinator.kserve_tensors import pack_bytes, unpack_bytes
+from coordinator.kserve_tensor import pack_bytes, unpack_bytes
 from coordinator.metrics import Metrics
 from disagg.model.loader import DEFAULT_MODEL_NAME, ModelInfo
 from disagg.model.tokenizer import encode_prompt
@@ -272,6 +272,15 @@ def test_parameters_stop_tenant_and_per_input_parameters(client, frontend):
     infer(client, {"inputs": [text_input("x")]}, headers={"X-Tenant-Id": "from-header"})
     exposition = generate_latest(frontend.metrics.registry).decode()
     assert 'tenant="acme-corp"' in exposition and 'tenant="from-header"' in exposition
+
+
+def test_a_bad_prompt_in_a_batch_starts_none_of_it():
+    """The whole batch is checked before any prompt starts, as OpenAI and gRPC do."""
+    dispatcher = EchoDispatcher()
+    client = make_client(make_frontend(dispatcher))
+    reply = infer(client, {"inputs": [text_input("good prompt", "")]})
+    assert reply.status_code == 400 and "empty" in reply.json()["error"]
+    assert dispatcher.num_started == 0
 
 
 def test_generate_and_generate_stream_agree(client):
