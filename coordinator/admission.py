@@ -43,6 +43,10 @@ class Admission:
         if self._line:
             self._line[0].set()
 
+    def notify_later(self, delay_s: float) -> None:
+        """notify() after `delay_s`: for room that is on its way but not there yet."""
+        asyncio.get_running_loop().call_later(delay_s, self.notify)
+
     async def admit(self, try_admit: Callable[[], Awaitable[T | None]]) -> tuple[T, float]:
         """Run `try_admit` until it returns a value; return it and the seconds spent queued.
 

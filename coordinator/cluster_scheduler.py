@@ -34,6 +34,10 @@ from disagg.rpc.convert import logprob_to_proto, optional_logprob, sampling_to_p
 
 log = logging.getLogger(__name__)
 
+FREEING_RETRY_S = 0.05
+"""How soon to try again a worker that refused for lack of room while the registry counts
+room there: blocks given back are freed by its engine thread a moment after Free returns."""
+
 
 @dataclass(frozen=True)
 class DispatchConfig:
@@ -130,6 +134,8 @@ class ClusterScheduler:
                     ) from error
                 if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     log.warning("Allocate on %s failed: %s", worker.worker_id, error.code())
+                elif worker.free_blocks_estimate >= reserved:
+                    self.admission.notify_later(FREEING_RETRY_S)  # NOTE: see FREEING_RETRY_S
                 continue
             return worker, handle
         return None
