@@ -464,7 +464,10 @@ def test_a_client_that_leaves_cancels_the_generation(endpoint):
 
     async def scenario() -> list[dict]:
         sent = await call_asgi(app, f"/v2/models/{MODEL}/{endpoint}", body, 0.2)
-        await asyncio.sleep(0.1)  # cleanup may finish in the background, but promptly
+        # cleanup may finish in the background, but promptly
+        deadline_s = time.monotonic() + 1.0
+        while dispatcher.num_open and time.monotonic() < deadline_s:
+            await asyncio.sleep(0.005)
         return sent
 
     sent = asyncio.run(scenario())
