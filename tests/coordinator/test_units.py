@@ -50,6 +50,15 @@ def test_admission_refuses_beyond_the_bound_and_times_out():
     asyncio.run(scenario())
 
 
+async def queued(admission: Admission, num_waiting: int) -> None:
+    """Until `num_waiting` requests wait in line (the loop runs nothing else meanwhile)."""
+    for _ in range(1000):
+        if admission.num_waiting == num_waiting:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{admission.num_waiting} waiting, expected {num_waiting}")
+
+
 def test_a_notify_during_a_failed_try_is_not_lost():
     """Room that appears while a waiter is trying must wake it again, not a heartbeat later."""
 
@@ -66,7 +75,7 @@ def test_a_notify_during_a_failed_try_is_not_lost():
             return "admitted" if calls["n"] >= 3 else None
 
         waiter = asyncio.create_task(admission.admit(try_admit))
-        await asyncio.sleep(0.01)
+        await queued(admission, 1)
         admission.notify()
         result, _ = await asyncio.wait_for(waiter, 2)
         return result
@@ -97,9 +106,9 @@ def test_admission_serves_waiters_in_arrival_order():
             admission.notify()
 
         first = asyncio.create_task(admission.admit(taker("first")))
-        await asyncio.sleep(0.01)
+        await queued(admission, 1)
         second = asyncio.create_task(admission.admit(taker("second")))
-        await asyncio.sleep(0.01)
+        await queued(admission, 2)
         room["slots"] = 1  # room appears just as a third request arrives
         late = asyncio.create_task(admission.admit(taker("late")))
         await asyncio.sleep(0)
