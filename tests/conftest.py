@@ -28,9 +28,10 @@ def tiny_fp32(tiny_model_dir: Path) -> LoadedModel:
     return load_model(str(tiny_model_dir), torch.float32, torch.device("cpu"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def inprocess_cluster(tiny_model_dir: Path):
-    """Coordinator, prefill and decode worker in this process, on the tiny model."""
+    """Coordinator, prefill and decode worker in this process, on the tiny model; shared by
+    every test that needs no special configuration (each leaves every KV block free)."""
     from tests.inprocess_cluster import InProcessCluster
 
     with InProcessCluster(tiny_model_dir) as cluster:
