@@ -93,9 +93,13 @@ class ClusterScheduler:
         )
         trace.decode_worker = decode.worker_id
         num_blocks = self.registry.blocks_for(decode, len(prompt_ids) + params.max_tokens)
-        finished = False
+        finished, release_reason = False, "cancelled"
         try:
-            first = await self._prefill(decode, handle, prompt_ids, params, trace, num_blocks)
+            try:
+                first = await self._prefill(decode, handle, prompt_ids, params, trace)
+            except WorkerError:
+                release_reason = "prefill_failed"
+                raise
             yield first
             if first.finish_reason:
                 finished = True
@@ -107,7 +111,7 @@ class ClusterScheduler:
             if finished:  # the worker freed the blocks as it finished
                 self.registry.release_blocks(decode, num_blocks)
             else:
-                self._release_soon(decode, handle.handle_id, "cancelled", num_blocks)
+                self._release_soon(decode, handle.handle_id, release_reason, num_blocks)
 
     async def _allocate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
@@ -179,7 +183,6 @@ class ClusterScheduler:
         prompt_ids: list[int],
         params: SamplingParams,
         trace: RequestTrace,
-        num_blocks: int,
     ) -> TokenUpdate:
         prefill = self._pick_prefill(decode)
         trace.prefill_worker = prefill.worker_id
@@ -193,7 +196,6 @@ class ClusterScheduler:
         try:
             reply = await prefill.prefill.Prefill(request, timeout=self.config.prefill_timeout_s)
         except grpc.aio.AioRpcError as error:
-            await self._free(decode, handle.handle_id, "prefill_failed", num_blocks)
             raise WorkerError(
                 f"prefill worker {prefill.worker_id} failed: {error.details()}"
             ) from error
