@@ -2,7 +2,8 @@
 
 Each protocol only parses its request into a `GenerationRequest` and shapes
 `TextChunk`s into its own responses; detokenization, stop strings, the
-context-length check, metrics and the log line live here once.
+context-length check, metrics and the log line live here once. Running a request's
+generations (tasks, fan-out, disconnects) is `generation_runner`'s.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """KServe V2 gRPC (inference.GRPCInferenceService), as `tritonclient.grpc` speaks it.
 
 The text contract (which inputs, parameters and outputs mean what) is
-`kserve_tensors`', shared with REST; this module only moves it in and out of
+`kserve_text`'s, shared with REST; this module only moves it in and out of
 protobuf. Each prompt in a request is its own generation, run concurrently.
 ModelStreamInfer is Triton's decoupled mode: each request on the stream gets one
 response per text chunk, the last flagged `triton_final_response`; requests on a

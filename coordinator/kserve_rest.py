@@ -3,7 +3,7 @@ tensor data and generate extensions, so that `tritonclient.http` works with its 
 
     GET  /v2                                 server metadata {name, version, extensions}
     GET  /v2/health/live, /v2/health/ready   200 (ready: 503 until both kinds of worker are up)
-    GET  /v2/models/{m}[/versions/{v}]       model metadata: the tensors of `kserve_tensors`
+    GET  /v2/models/{m}[/versions/{v}]       model metadata: the tensors of `kserve_text`
     GET  /v2/models/{m}[/versions/{v}]/ready {"name", "ready"}: 200, or 503 when not ready
     POST /v2/models/{m}[/versions/{v}]/infer            V2 inference, JSON or binary
     POST /v2/models/{m}[/versions/{v}]/generate         {"text_input", "parameters"} -> one JSON

@@ -1,4 +1,4 @@
-"""The coordinator process: HTTP front door, worker registry, dispatch."""
+"""The coordinator process: HTTP and gRPC front doors, worker registry, cluster scheduler."""
 
 from __future__ import annotations
 
