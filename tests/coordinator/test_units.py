@@ -249,3 +249,52 @@ def test_a_handle_allocated_for_a_request_that_left_is_freed():
         return worker.freed_ids
 
     assert asyncio.run(scenario()) == ["h-1"]
+
+
+def test_a_failed_prefill_frees_its_handle_once_and_counts_its_blocks_back_once():
+    import grpc
+
+    from coordinator.cluster_scheduler import ClusterScheduler, DispatchConfig
+    from coordinator.errors import WorkerError
+    from coordinator.request_timing import RequestTrace
+    from disagg.engine.sampling_params import SamplingParams
+
+    class DecodeWorker:
+        def __init__(self) -> None:
+            self.freed_ids: list[str] = []
+
+        async def Allocate(self, request, timeout):
+            return pb.KVHandle(handle_id="h-1", block_ids=[0, 1])
+
+        async def Free(self, request, timeout):
+            self.freed_ids.append(request.handle_id)
+            return pb.FreeResponse(freed=True)
+
+    class FailingPrefillWorker:
+        async def Prefill(self, request, timeout):
+            metadata = grpc.aio.Metadata()
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, metadata, metadata, "gone")
+
+    async def scenario() -> tuple[list[str], int]:
+        registry = WorkerRegistry()
+        for worker_id, role in (("d", "decode"), ("p", "prefill")):
+            info = pb.WorkerInfo(
+                worker_id=worker_id, role=role, address="127.0.0.1:1", total_kv_blocks=8,
+                block_size=16,
+            )  # fmt: skip
+            registry.register(info)
+        decode = DecodeWorker()
+        registry.get("d").decode = decode
+        registry.get("p").prefill = FailingPrefillWorker()
+        scheduler = ClusterScheduler(registry, Admission(), DispatchConfig())
+        tokens = scheduler.generate([1, 2, 3], SamplingParams(max_tokens=4), RequestTrace("r"))
+        with pytest.raises(WorkerError, match="gone"):
+            await anext(tokens)
+        for _ in range(1000):  # the Free goes out from a task of its own
+            if decode.freed_ids:
+                break
+            await asyncio.sleep(0)
+        await asyncio.gather(*scheduler._cleanups)
+        return decode.freed_ids, registry.get("d").free_blocks_estimate
+
+    assert asyncio.run(scenario()) == (["h-1"], 8)
