@@ -88,8 +88,10 @@ class Generator:
     async def stream(
         self, request: GenerationRequest, trace: RequestTrace
     ) -> AsyncIterator[TextChunk]:
-        """Text as it is generated. Closing the iterator early cancels the request."""
-        self.check(request)
+        """Text as it is generated. Closing the iterator early cancels the request.
+
+        The request must have passed `check` (the generation runner checks every request
+        of a batch before any starts)."""
         text = TextStream(self.model.tokenizer, stop=request.params.stop)
         tokens = self.scheduler.generate(request.prompt_ids, request.params, trace)
         pending_ids: list[int] = []
