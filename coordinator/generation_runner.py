@@ -50,7 +50,9 @@ class GenerationRunner:
         work = asyncio.ensure_future(asyncio.gather(*tasks))
         gone = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         try:
-            await asyncio.wait({work} | ({gone} if gone else set()), return_when="FIRST_COMPLETED")
+            await asyncio.wait(
+                {work} | ({gone} if gone else set()), return_when=asyncio.FIRST_COMPLETED
+            )
             if not work.done():
                 raise ClientGoneError()
             return list(work.result())
