@@ -8,6 +8,15 @@ import torch
 from disagg.model.loader import LoadedModel, load_model
 
 
+@pytest.hookimpl(tryfirst=True)  # NOTE: before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that loads the real default model is `slow`, by the marker's own definition,
+    whether or not its module says so: it costs seconds of loading and full-size forwards."""
+    for item in items:
+        if "default_fp32" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def default_fp32() -> LoadedModel:
     """The real default model in float32, loaded once for the whole session."""
