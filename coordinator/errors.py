@@ -1,13 +1,12 @@
-"""Which HTTP status each error earns; each protocol renders it in its own shape."""
+"""Every error the coordinator raises, and which HTTP status each earns; each protocol renders
+it in its own shape (OpenAI's error object, KServe's {"error"}, a gRPC status)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 
-from coordinator.admission import OverloadedError
-from coordinator.dispatcher import WorkerError
-from disagg.errors import InvalidRequestError, OutOfBlocksError
+from disagg.errors import DisaggError, InvalidRequestError, OutOfBlocksError
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +23,22 @@ class NotFoundError(LookupError):
 
 class TooLargeError(ValueError):
     """A request body over the limit (413)."""
+
+
+class OverloadedError(DisaggError):
+    """No room now and the wait queue is full (or the wait timed out): retry later (503)."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class WorkerError(DisaggError):
+    """A worker failed or vanished while serving the request (503)."""
+
+
+class ClientGoneError(Exception):
+    """The client disconnected while its request ran (499 in the access log)."""
 
 
 @dataclass(frozen=True)

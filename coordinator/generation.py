@@ -2,7 +2,8 @@
 
 Each protocol only parses its request into a `GenerationRequest` and shapes
 `TextChunk`s into its own responses; detokenization, stop strings, the
-context-length check, metrics and the log line live here once.
+context-length check, metrics and the log line live here once. Running a request's
+generations (tasks, fan-out, disconnects) is `generation_runner`'s.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from coordinator.dispatcher import Dispatcher, RequestTrace
+from coordinator.cluster_scheduler import ClusterScheduler
 from coordinator.metrics import Metrics
+from coordinator.request_timing import RequestTrace
 from disagg.engine.sampling_params import SamplingParams
 from disagg.engine.sequence import TokenLogprob
 from disagg.errors import InvalidRequestError
@@ -22,6 +24,11 @@ from disagg.model.loader import ModelInfo
 from disagg.model.tokenizer import TextStream
 
 DEFAULT_TENANT = "default"
+
+
+def resolve_tenant(*candidates: str | None) -> str:
+    """The first tenant a request names, in the protocol's order of precedence; else default."""
+    return next((c for c in candidates if c), DEFAULT_TENANT)
 
 
 @dataclass
@@ -59,8 +66,8 @@ class Completion:
 
 
 class Generator:
-    def __init__(self, dispatcher: Dispatcher, model: ModelInfo, metrics: Metrics) -> None:
-        self.dispatcher = dispatcher
+    def __init__(self, scheduler: ClusterScheduler, model: ModelInfo, metrics: Metrics) -> None:
+        self.scheduler = scheduler
         self.model = model
         self.metrics = metrics
         self.num_running = 0
@@ -76,14 +83,17 @@ class Generator:
                 f"({request.params.max_tokens}) exceeds the model's context of {limit} tokens",
                 "max_tokens",
             )
+        self.scheduler.check_fits(request.prompt_ids, request.params)
 
     async def stream(
         self, request: GenerationRequest, trace: RequestTrace
     ) -> AsyncIterator[TextChunk]:
-        """Text as it is generated. Closing the iterator early cancels the request."""
-        self.check(request)
+        """Text as it is generated. Closing the iterator early cancels the request.
+
+        The request must have passed `check` (the generation runner checks every request
+        of a batch before any starts)."""
         text = TextStream(self.model.tokenizer, stop=request.params.stop)
-        tokens = self.dispatcher.generate(request.prompt_ids, request.params, trace)
+        tokens = self.scheduler.generate(request.prompt_ids, request.params, trace)
         pending_ids: list[int] = []
         pending_logprobs: list[TokenLogprob] = []
         count, status = 0, "error"
@@ -116,8 +126,7 @@ class Generator:
             )
             await tokens.aclose()  # a stop string or a gone client frees the KV now
 
-    async def complete(self, request: GenerationRequest) -> Completion:
-        trace = RequestTrace(request.request_id)
+    async def complete(self, request: GenerationRequest, trace: RequestTrace) -> Completion:
         parts, ids, logprobs, reason = [], [], [], "length"
         async for chunk in self.stream(request, trace):
             parts.append(chunk.text)
@@ -125,20 +134,3 @@ class Generator:
             logprobs += chunk.logprobs
             reason = chunk.finish_reason or reason
         return Completion("".join(parts), ids, logprobs, reason, len(request.prompt_ids), trace)
-
-
-def timings(trace: RequestTrace) -> dict:
-    """Per-response timings, for a key or header that standard clients ignore."""
-    return {
-        "ttft_s": trace.ttft_s,
-        "mean_tbt_s": trace.mean_tbt_s,
-        "queue_s": trace.queue_s,
-        "prefill_queue_s": trace.prefill_queue_s,
-        "prefill_s": trace.prefill_s,
-        "kv_transfer_s": trace.kv_transfer_s,
-        "first_decode_gap_s": next(iter(trace.tbt_s), None),
-        "kv_bytes": trace.kv_bytes,
-        "prefill_worker": trace.prefill_worker,
-        "decode_worker": trace.decode_worker,
-        "e2e_s": time.time() - trace.arrival_s,
-    }

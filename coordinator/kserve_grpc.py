@@ -1,7 +1,7 @@
 """KServe V2 gRPC (inference.GRPCInferenceService), as `tritonclient.grpc` speaks it.
 
 The text contract (which inputs, parameters and outputs mean what) is
-`kserve_tensors`', shared with REST; this module only moves it in and out of
+`kserve_text`'s, shared with REST; this module only moves it in and out of
 protobuf. Each prompt in a request is its own generation, run concurrently.
 ModelStreamInfer is Triton's decoupled mode: each request on the stream gets one
 response per text chunk, the last flagged `triton_final_response`; requests on a
@@ -19,31 +19,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import aclosing
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from coordinator.dispatcher import RequestTrace
 from coordinator.errors import NotFoundError, classify
-from coordinator.frontend import SERVER_NAME, SERVER_VERSION, Frontend
-from coordinator.generation import DEFAULT_TENANT, Completion, GenerationRequest
-from coordinator.kserve_tensors import (
-    MODEL_VERSION,
+from coordinator.frontend import MODEL_VERSION, SERVER_NAME, SERVER_VERSION, Frontend
+from coordinator.generation import GenerationRequest, resolve_tenant
+from coordinator.kserve_tensor import Tensor, check_datatype, tensor_from_bytes, tensor_to_bytes
+from coordinator.kserve_text import (
     OUTPUT_DATATYPES,
     GenerationResult,
-    Tensor,
-    check_datatype,
     check_output_names,
     model_metadata,
     output_tensors,
     parse_text_request,
-    tensor_from_bytes,
-    tensor_to_bytes,
-    timing_parameters,
 )
+from coordinator.request_timing import RequestTrace, merged_timings
 from disagg.errors import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -130,21 +124,14 @@ class InferJob:
     output_names: list[str]
 
 
-def check_model(frontend: Frontend, name: str, version: str) -> None:
-    if not frontend.knows_model(name):
-        raise NotFoundError(f"unknown model {name!r}; this server serves {frontend.served_name!r}")
-    if version not in ("", MODEL_VERSION):
-        raise NotFoundError(f"model {name!r} has no version {version!r}; it has {MODEL_VERSION!r}")
-
-
 def parse_job(request: Any, frontend: Frontend) -> InferJob:
-    check_model(frontend, request.model_name, request.model_version)
+    frontend.check_model(request.model_name, request.model_version)
     text = parse_text_request(
         input_tensors(request), param_values(request.parameters), frontend.model.tokenizer
     )
     names = [output.name for output in request.outputs] or list(OUTPUT_DATATYPES)
     check_output_names(names)
-    tenant = text.tenant or DEFAULT_TENANT
+    tenant = resolve_tenant(text.tenant)
     requests = [GenerationRequest(ids, text.params, tenant) for ids in text.prompts]
     return InferJob(request.id, request.model_name, requests, names)
 
@@ -198,7 +185,7 @@ class KServeServicer:
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
         try:
-            check_model(self.frontend, request.name, request.version)
+            self.frontend.check_model(request.name, request.version)
         except NotFoundError:
             return self.pb.ModelReadyResponse(ready=False)
         return self.pb.ModelReadyResponse(ready=self.frontend.is_ready)
@@ -214,7 +201,7 @@ class KServeServicer:
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         try:
-            check_model(self.frontend, request.name, request.version)
+            self.frontend.check_model(request.name, request.version)
         except NotFoundError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         return self.pb.ModelMetadataResponse(**model_metadata(self.frontend.served_name))
@@ -244,22 +231,11 @@ class KServeServicer:
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         job = parse_job(request, self.frontend)
-        for generation in job.requests:
-            self.frontend.generator.check(generation)  # a bad prompt starts none of the batch
-        completions = await self._complete_all(job.requests)
+        # NOTE: a client that leaves cancels this handler, which cancels every generation
+        completions = await self.frontend.runner.complete_all(job.requests)
         response = infer_response(self.pb, job, completions, job.output_names)
-        set_params(response.parameters, timing_parameters([c.trace for c in completions]))
+        set_params(response.parameters, merged_timings([c.trace for c in completions]))
         return response
-
-    async def _complete_all(self, requests: list[GenerationRequest]) -> list[Completion]:
-        """Run a batch's prompts concurrently; one failing, or the client leaving, cancels all."""
-        tasks = [asyncio.ensure_future(self.frontend.generator.complete(r)) for r in requests]
-        try:
-            return list(await asyncio.gather(*tasks))
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _serve_stream(
         self, requests: AsyncIterator[pb.ModelInferRequest], outbox: asyncio.Queue
@@ -291,13 +267,15 @@ class KServeServicer:
             outbox.put_nowait(error)
 
     async def _stream_chunks(self, job: InferJob, outbox: asyncio.Queue) -> None:
-        generation = job.requests[0]
-        trace = RequestTrace(generation.request_id)
+        streams = self.frontend.runner.stream(job.requests)
+        trace = streams.traces[0]
         last: GenerationResult | None = None
-        async with aclosing(self.frontend.generator.stream(generation, trace)) as chunks:
-            async for chunk in chunks:
+        try:
+            while (chunk := await streams.next_chunk()) is not None:
                 outbox.put_nowait(self._chunk_response(job, chunk, trace))
                 last = chunk
+        finally:
+            streams.close()
         if last is None or last.finish_reason is None:  # ran out unflagged: still close it
             count = last.num_completion_tokens if last else 0
             outbox.put_nowait(self._chunk_response(job, _Final(count), trace))
@@ -309,7 +287,7 @@ class KServeServicer:
         is_final = chunk.finish_reason is not None
         names = [n for n in job.output_names if is_final or n != "finish_reason"]
         response = infer_response(self.pb, job, [chunk], names)
-        timings = timing_parameters([trace]) if is_final else {}
+        timings = merged_timings([trace]) if is_final else {}
         set_params(response.parameters, {FINAL_FLAG: is_final, **timings})
         return self.pb.ModelStreamInferResponse(infer_response=response)
 

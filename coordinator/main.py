@@ -1,4 +1,4 @@
-"""The coordinator process: HTTP front door, worker registry, dispatch."""
+"""The coordinator process: HTTP and gRPC front doors, worker registry, cluster scheduler."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import uvicorn
 from coordinator import kserve_grpc
 from coordinator.admission import Admission
 from coordinator.app import build_app
-from coordinator.dispatcher import Dispatcher
+from coordinator.cluster_scheduler import ClusterScheduler
 from coordinator.frontend import Frontend
 from coordinator.generation import Generator
 from coordinator.metrics import Metrics
@@ -51,10 +51,10 @@ async def run(config: CoordinatorConfig, dispatch: DispatchConfig | None = None)
     registry = WorkerRegistry(config.heartbeat_interval_s, config.heartbeat_timeout_s)
     admission = Admission(config.max_waiting, config.queue_timeout_s)
     registry.on_change(admission.notify)
-    dispatcher = Dispatcher(registry, admission, dispatch or DispatchConfig())
+    scheduler = ClusterScheduler(registry, admission, dispatch or DispatchConfig())
     metrics = Metrics(served_name)
     frontend = Frontend(
-        Generator(dispatcher, model, metrics), model, served_name, registry, admission, metrics
+        Generator(scheduler, model, metrics), model, served_name, registry, admission, metrics
     )
 
     pb_grpc.add_RegistryServicer_to_server(RegistryService(registry, model.name), control)

@@ -7,8 +7,8 @@ import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from coordinator.dispatcher import RequestTrace
 from coordinator.registry import WorkerRegistry
+from coordinator.request_timing import RequestTrace
 
 log = logging.getLogger("disagg.requests")
 

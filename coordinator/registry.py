@@ -2,6 +2,12 @@
 
 A worker that misses heartbeats for `heartbeat_timeout_s` is taken out of
 rotation (and forgotten; it registers again if it comes back).
+
+The registry is the only writer of worker records. Between heartbeats it keeps
+the load estimate current itself: blocks the coordinator allocated since the last
+report count as used, blocks given back since count as free again (and wake the
+admission line at once instead of a heartbeat later); each heartbeat replaces
+the estimate with the worker's own numbers.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ class WorkerRecord:
     free_kv_blocks: int
     load: int = 0
     reserved_blocks: int = 0
-    """Blocks this coordinator allocated on the worker since its last heartbeat."""
+    """Blocks this coordinator allocated on the worker since its last heartbeat, less those
+    given back since (so it may be negative)."""
     prompt_tokens_in_flight: int = 0
     """Prompt tokens this coordinator has sent the worker and not yet had back."""
     is_draining: bool = False
@@ -48,7 +55,7 @@ class WorkerRecord:
 
     @property
     def free_blocks_estimate(self) -> int:
-        return self.free_kv_blocks - self.reserved_blocks
+        return min(self.info.total_kv_blocks, self.free_kv_blocks - self.reserved_blocks)
 
 
 class WorkerRegistry:
@@ -84,6 +91,30 @@ class WorkerRegistry:
         record.is_draining = request.draining
         self._changed()
         return True
+
+    def blocks_for(self, worker: WorkerRecord, num_tokens: int) -> int:
+        return -(-num_tokens // max(1, worker.info.block_size))
+
+    def reserve_blocks(self, worker: WorkerRecord, num_tokens: int) -> int:
+        """Count room for `num_tokens` as used on `worker` until its next heartbeat."""
+        num_blocks = self.blocks_for(worker, num_tokens)
+        worker.reserved_blocks += num_blocks
+        return num_blocks
+
+    def unreserve_blocks(self, worker: WorkerRecord, num_blocks: int) -> None:
+        """An allocation that did not happen."""
+        worker.reserved_blocks -= num_blocks
+
+    def release_blocks(self, worker: WorkerRecord, num_blocks: int) -> None:
+        """The worker has `num_blocks` back (a request finished or was freed): room now."""
+        worker.reserved_blocks -= num_blocks
+        self._changed()
+
+    def start_prefill(self, worker: WorkerRecord, num_prompt_tokens: int) -> None:
+        worker.prompt_tokens_in_flight += num_prompt_tokens
+
+    def end_prefill(self, worker: WorkerRecord, num_prompt_tokens: int) -> None:
+        worker.prompt_tokens_in_flight -= num_prompt_tokens
 
     def healthy(self, role: str) -> list[WorkerRecord]:
         """Workers that can take new work in `role` ("prefill" or "decode"): not draining."""

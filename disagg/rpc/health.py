@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from disagg.rpc import control_pb2, grpc_predict_v2_pb2
+from disagg.rpc import control_pb2
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -42,8 +42,9 @@ ROLE_SERVICES: dict[str, tuple[str, ...]] = {
 }
 """The gRPC services each worker role serves, named as health checks name them."""
 REGISTRY_SERVICE = _CONTROL["Registry"].full_name
-_KSERVE = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name
-INFERENCE_SERVICE = _KSERVE["GRPCInferenceService"].full_name
+# NOTE: written out, not read from grpc_predict_v2_pb2: importing those messages here would
+# clash with tritonclient's copy of package `inference` in a process that holds both.
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
 
 
 class ServerHealth:

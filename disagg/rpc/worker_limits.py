@@ -44,7 +44,9 @@ class WorkerLimits:
             needed = -(-num_tokens // self.block_size)
             if needed > self.num_kv_blocks:
                 raise NeverFitsError(
-                    f"request needs {needed} KV blocks; the largest pool has {self.num_kv_blocks}",
+                    f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) needs "
+                    f"{needed} KV blocks; the largest decode worker holds {self.num_kv_blocks} "
+                    f"({self.num_kv_blocks * self.block_size} tokens)",
                     "max_tokens",
                 )
 

@@ -12,6 +12,8 @@ from bench.serving.record import read_records
 from bench.serving.server_metrics import series_total
 from tests.cluster_harness import ServeProcess
 
+pytestmark = pytest.mark.slow  # starts real `disagg serve` processes on the default model
+
 NUM_REQUESTS, NUM_WARMUP, OUTPUT_LEN = 10, 2, 6
 
 

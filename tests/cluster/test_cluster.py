@@ -16,6 +16,8 @@ from disagg.model.tokenizer import encode_prompt
 from tests.cluster_harness import ServeProcess, wait_until
 from tests.helpers import reference_text
 
+pytestmark = pytest.mark.slow  # starts real `disagg serve` processes on the default model
+
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",

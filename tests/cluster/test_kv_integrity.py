@@ -19,6 +19,8 @@ from disagg.rpc.convert import sampling_to_proto
 from tests.cluster_harness import ServeProcess
 from tests.helpers import reference_tokens
 
+pytestmark = pytest.mark.slow  # starts real `disagg serve` processes on the default model
+
 PROMPT = "The quick brown fox jumps over the lazy dog because"
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 

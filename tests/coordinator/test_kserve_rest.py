@@ -1,16 +1,12 @@
-"""KServe V2 REST: parsing and encoding in-process over an echoing fake cluster, then the
-real thing end to end (`disagg serve`, tritonclient.http, the real default model)."""
+"""KServe V2 REST: parsing and encoding in-process over an echoing fake cluster (end to end
+on a cluster: test_kserve_rest_cluster.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import gzip
 import json
-import socket
 import time
-import urllib.error
-import urllib.request
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,83 +16,16 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from coordinator import kserve_rest
-from coordinator.admission import Admission, OverloadedError
-from coordinator.dispatcher import TokenUpdate, WorkerError
-from coordinator.errors import MAX_BODY_BYTES
+from coordinator.admission import OverloadedError
+from coordinator.errors import MAX_BODY_BYTES, WorkerError
 from coordinator.frontend import Frontend
-from coordinator.generation import Generator
-from coordinator.kserve_tensors import pack_bytes, unpack_bytes
-from coordinator.metrics import Metrics
-from disagg.model.loader import DEFAULT_MODEL_NAME, ModelInfo
-from disagg.model.tokenizer import encode_prompt
-from tests.cluster_harness import ServeProcess, post_json, wait_until
-from tests.helpers import reference_text
+from coordinator.kserve_tensor import pack_bytes, unpack_bytes
+from tests.coordinator.echo_cluster import MODEL, EchoDispatcher, call_asgi, make_frontend
 
-MODEL = "fake-model"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 # ---------------------------------------------------------------------------------------------
-# In-process: the real Generator and routes over a fake dispatcher that echoes the prompt.
-
-
-class CharTokenizer:
-    """One token per character, so the echoed text is the prompt itself."""
-
-    chat_template = "fake"
-    eos_token_id = 0
-
-    def __call__(self, text: str) -> dict:
-        return {"input_ids": [ord(c) for c in text]}
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return "".join(chr(i) for i in ids)
-
-    def apply_chat_template(self, messages, tokenize=True, add_generation_prompt=True):
-        text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
-        return [ord(c) for c in text]
-
-
-class EchoDispatcher:
-    """Generates the prompt back (cycling it when ignore_eos) and, like the real one, needs an
-    await to free a request's KV when it ends; counts the streams opened and the frees done."""
-
-    def __init__(
-        self, delay_s: float = 0.0, fail: Exception | None = None, fail_after: int = 0
-    ) -> None:
-        self.delay_s = delay_s
-        self.fail, self.fail_after = fail, fail_after
-        self.num_started = self.num_freed = self.num_tokens = 0
-
-    @property
-    def num_open(self) -> int:
-        return self.num_started - self.num_freed
-
-    async def generate(self, prompt_ids, params, trace):
-        self.num_started += 1
-        try:
-            trace.first_token_s = time.time()
-            trace.prefill_worker, trace.decode_worker = "prefill-1", "decode-1"
-            count = params.max_tokens if params.ignore_eos else len(prompt_ids)
-            count = min(count, params.max_tokens)
-            for i in range(count):
-                if self.fail is not None and i == self.fail_after:
-                    raise self.fail
-                await asyncio.sleep(self.delay_s)
-                self.num_tokens += 1
-                last = i + 1 == count
-                reason = ("length" if count == params.max_tokens else "stop") if last else None
-                yield TokenUpdate(prompt_ids[i % len(prompt_ids)], time.time(), None, reason)
-        finally:
-            await asyncio.sleep(0.005)  # the Free RPC: cancelling it would leak the blocks
-            self.num_freed += 1
-
-
-def make_frontend(dispatcher: EchoDispatcher | None = None, is_ready: bool = True) -> Frontend:
-    model = ModelInfo(MODEL, CharTokenizer(), max_model_len=512, eos_token_ids={0})
-    metrics = Metrics(MODEL)
-    registry = SimpleNamespace(healthy=lambda role: [role] if is_ready else [])
-    generator = Generator(dispatcher or EchoDispatcher(), model, metrics)
-    return Frontend(generator, model, MODEL, registry, Admission(), metrics)
+# In-process: the real Generator and routes over a fake scheduler that echoes the prompt.
 
 
 def make_client(frontend: Frontend) -> TestClient:
@@ -271,6 +200,15 @@ def test_parameters_stop_tenant_and_per_input_parameters(client, frontend):
     assert 'tenant="acme-corp"' in exposition and 'tenant="from-header"' in exposition
 
 
+def test_a_bad_prompt_in_a_batch_starts_none_of_it():
+    """The whole batch is checked before any prompt starts, as OpenAI and gRPC do."""
+    dispatcher = EchoDispatcher()
+    client = make_client(make_frontend(dispatcher))
+    reply = infer(client, {"inputs": [text_input("good prompt", "")]})
+    assert reply.status_code == 400 and "empty" in reply.json()["error"]
+    assert dispatcher.num_started == 0
+
+
 def test_generate_and_generate_stream_agree(client):
     body = {"id": "g1", "text_input": "streaming text", "parameters": {"max_tokens": 9}}
     reply = client.post(f"/v2/models/{MODEL}/generate", json=body).json()
@@ -387,7 +325,7 @@ def test_errors_are_json_with_the_right_status(
     reply = client.request(method, path, content=content, headers=headers)
     assert reply.status_code == status, reply.text
     assert isinstance(reply.json()["error"], str) and reply.json()["error"]
-    assert frontend.generator.dispatcher.num_open == 0
+    assert frontend.generator.scheduler.num_open == 0
     assert infer(client, GOOD).status_code == 200  # and the server still serves
 
 
@@ -415,30 +353,6 @@ def test_overload_and_worker_failures_are_503(error, status):
     assert stream.status_code == status and stream.json()["error"]
 
 
-async def call_asgi(app, path: str, body: dict, disconnect_after_s: float) -> list[dict]:
-    """Drive the app like a server whose client leaves `disconnect_after_s` into the response."""
-    sent: list[dict] = []
-    messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
-
-    async def receive() -> dict:
-        if messages:
-            return messages.pop()
-        await asyncio.sleep(disconnect_after_s)
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
-        "query_string": b"", "headers": [(b"content-type", b"application/json")],
-        "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-        "scheme": "http", "server": ("test", 80), "client": ("test", 1), "root_path": "",
-    }  # fmt: skip
-    await asyncio.wait_for(app(scope, receive, send), 10)
-    return sent
-
-
 @pytest.mark.parametrize("endpoint", ["infer", "generate", "generate_stream"])
 def test_a_client_that_leaves_cancels_the_generation(endpoint):
     dispatcher = EchoDispatcher(delay_s=0.01)
@@ -452,7 +366,10 @@ def test_a_client_that_leaves_cancels_the_generation(endpoint):
 
     async def scenario() -> list[dict]:
         sent = await call_asgi(app, f"/v2/models/{MODEL}/{endpoint}", body, 0.2)
-        await asyncio.sleep(0.1)  # cleanup may finish in the background, but promptly
+        # cleanup may finish in the background, but promptly
+        deadline_s = time.monotonic() + 1.0
+        while dispatcher.num_open and time.monotonic() < deadline_s:
+            await asyncio.sleep(0.005)
         return sent
 
     sent = asyncio.run(scenario())
@@ -460,149 +377,3 @@ def test_a_client_that_leaves_cancels_the_generation(endpoint):
     assert dispatcher.num_open == 0, "a generation was not freed"
     assert 0 < dispatcher.num_tokens < 200, "generation went on after the client left"
     assert sent[0]["status"] in (200, 499)
-
-
-# ---------------------------------------------------------------------------------------------
-# End to end: `disagg serve` with one prefill and one decode worker, the real default model.
-
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Photosynthesis is the process"]
-NEW_TOKENS = 16
-SERVED_NAME = DEFAULT_MODEL_NAME  # what `disagg serve` calls the default model
-
-
-@pytest.fixture(scope="module")
-def serve():
-    with ServeProcess("--prefill-workers", "1", "--decode-workers", "1") as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
-def expected(default_fp32) -> dict[str, str]:
-    tok = default_fp32.tokenizer
-    return {p: reference_text(default_fp32, encode_prompt(tok, p), NEW_TOKENS) for p in PROMPTS}
-
-
-def greedy_inputs(*prompts: str) -> list[triton.InferInput]:
-    tensor = triton.InferInput("text_input", [len(prompts)], "BYTES")
-    tensor.set_data_from_numpy(np.array([p.encode() for p in prompts], dtype=object))
-    return [tensor]
-
-
-GREEDY = {"max_tokens": NEW_TOKENS, "temperature": 0}
-
-
-@pytest.mark.slow
-def test_tritonclient_with_defaults_gets_transformers_greedy_text(serve, expected):
-    client = triton.InferenceServerClient(f"127.0.0.1:{serve.http_port}")
-    assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready(SERVED_NAME)
-    assert client.get_model_metadata(SERVED_NAME)["outputs"][0]["name"] == "text_output"
-    assert "generate" in client.get_server_metadata()["extensions"]
-    result = client.infer(
-        SERVED_NAME,
-        inputs=greedy_inputs(PROMPTS[0]),
-        outputs=[triton.InferRequestedOutput("text_output")],
-        parameters=GREEDY,
-    )
-    assert result.as_numpy("text_output")[0].decode() == expected[PROMPTS[0]]
-    batch = client.infer(SERVED_NAME, inputs=greedy_inputs(*PROMPTS), parameters=GREEDY)
-    texts = [t.decode() for t in batch.as_numpy("text_output")]
-    assert texts == [expected[p] for p in PROMPTS]
-    assert batch.as_numpy("token_count").tolist() == [NEW_TOKENS] * 3
-    assert batch.get_response()["parameters"]["kv_bytes"] > 0
-    serve.wait_all_blocks_free()
-
-
-@pytest.mark.slow
-def test_seed_bodies_as_written(serve):
-    wayang_prompt = {
-        "id": "550e8400-e29b-41d4-a716-446655440000",
-        "model_name": "llama3-8b",
-        "model_version": "1.0",
-        "inputs": [
-            {
-                "name": "prompt",
-                "shape": [1],
-                "datatype": "BYTES",
-                "data": ["Explain quantum computing in simple terms."],
-            }
-        ],
-        "parameters": {"max_tokens": 8, "temperature": 0.7, "top_p": 0.9, "tenant_id": "acme-corp"},
-    }
-    wayang_chat = {**WAYANG_CHAT, "parameters": {"max_tokens": 8, "temperature": 0.5}}
-    for body in (wayang_prompt, wayang_chat):
-        status, reply = post_json(f"{serve.url}/v2/models/{SERVED_NAME}/infer", body)
-        assert status == 200, reply
-        assert reply["id"] == body["id"]
-        text_output = next(o for o in reply["outputs"] if o["name"] == "text_output")
-        assert isinstance(text_output["data"][0], str) and text_output["data"][0]
-    serve.wait_all_blocks_free()
-
-
-@pytest.mark.slow
-def test_generate_and_generate_stream_over_the_cluster(serve, expected):
-    base = f"{serve.url}/v2/models/{SERVED_NAME}"
-    body = {"text_input": PROMPTS[1], "parameters": GREEDY}
-    status, reply = post_json(f"{base}/generate", body)
-    assert status == 200 and reply["text_output"] == expected[PROMPTS[1]]
-    events = list(sse_events(f"{base}/generate_stream", body))
-    assert "".join(e["text_output"] for e in events) == reply["text_output"]
-    assert events[-1]["finish_reason"] == reply["finish_reason"]
-    serve.wait_all_blocks_free()
-
-
-@pytest.mark.slow
-def test_bad_requests_over_every_endpoint_leak_nothing(serve):
-    base = f"{serve.url}/v2/models/{SERVED_NAME}"
-    cases = [
-        (f"{serve.url}/v2/models/nope/infer", GOOD, 404),
-        (f"{base}/versions/3/generate", {"text_input": "a"}, 404),
-        (f"{base}/infer", {"inputs": [text_input("a", shape=[3])]}, 400),
-        (f"{base}/infer", {**GOOD, "outputs": [{"name": "logits"}]}, 400),
-        (f"{base}/infer", {**GOOD, "parameters": {"max_tokens": 100000}}, 400),
-        (f"{base}/generate", {"text_input": "a", "parameters": {"temperature": -2}}, 400),
-        (f"{base}/generate_stream", {"text_input": "", "parameters": {}}, 400),
-        (f"{base}/generate_stream", {"prompt": "a", "parameters": {"top_k": -1}}, 400),
-    ]
-    for url, body, status in cases:
-        got, reply = post_json(url, body)
-        assert got == status and isinstance(reply["error"], str), (url, body, reply)
-    for url in (f"{base}/versions/2", f"{serve.url}/v2/models/nope/ready"):
-        with pytest.raises(urllib.error.HTTPError) as failure:
-            urllib.request.urlopen(url)
-        assert failure.value.code == 404 and json.load(failure.value)["error"]
-    serve.wait_all_blocks_free()
-
-
-@pytest.mark.slow
-def test_leaving_mid_stream_or_mid_infer_frees_the_kv(serve):
-    base = f"{serve.url}/v2/models/{SERVED_NAME}"
-    long = {"max_tokens": 1000, "ignore_eos": True, "temperature": 0}  # ~45 s if left to run
-    events = sse_events(f"{base}/generate_stream", {"text_input": "Once", "parameters": long})
-    next(events)
-    events.close()
-    request = json.dumps({"inputs": [text_input("Once upon")], "parameters": long}).encode()
-    with socket.create_connection(("127.0.0.1", serve.http_port)) as sock:
-        sock.sendall(
-            f"POST /v2/models/{SERVED_NAME}/infer HTTP/1.1\r\nHost: x\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(request)}\r\n\r\n".encode()
-            + request
-        )
-        wait_until(
-            lambda: any(w["load"] for w in serve.cluster()["workers"]), 30, "the infer to run"
-        )
-    try:
-        serve.wait_all_blocks_free(timeout_s=10)
-    except TimeoutError:
-        raise AssertionError(serve.cluster()) from None
-
-
-def sse_events(url: str, body: dict):
-    """The parsed `data:` events of an SSE response; closing the generator disconnects."""
-    request = urllib.request.Request(
-        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=120) as response:
-        for line in response:
-            if line.startswith(b"data: "):
-                yield json.loads(line[6:])

@@ -1,4 +1,6 @@
-"""The official `openai` SDK, unchanged, against a real `disagg serve` on the default model."""
+"""The official `openai` SDK, unchanged, against the cluster: API shapes and behaviour on the
+in-process cluster (tiny model), token-exactness and a prefill-time disconnect on a real
+`disagg serve` with the default model (slow)."""
 
 from __future__ import annotations
 
@@ -15,17 +17,18 @@ import pytest
 from disagg.model.tokenizer import apply_chat_template, encode_prompt
 from tests.cluster_harness import ServeProcess, post_json, wait_until
 from tests.helpers import reference_tokens
+from tests.inprocess_cluster import TINY_MODEL_NAME
 
-MODEL = "SmolLM2-135M-Instruct"
+MODEL = TINY_MODEL_NAME
+REAL_MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 NEW_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def serve():
-    with ServeProcess("--prefill-workers", "1", "--decode-workers", "1") as cluster:
-        yield cluster
+def serve(inprocess_cluster):
+    return inprocess_cluster
 
 
 @pytest.fixture(scope="module")
@@ -34,17 +37,37 @@ def client(serve) -> openai.OpenAI:
 
 
 @pytest.fixture(scope="module")
-def expected(default_fp32) -> dict[str, tuple[str, int]]:
-    """transformers' greedy text and token count for the completion and the chat prompt."""
-    tok = default_fp32.tokenizer
+def real_serve():
+    with ServeProcess("--prefill-workers", "1", "--decode-workers", "1") as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def real_client(real_serve) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{real_serve.url}/v1", api_key="unused", max_retries=0)
+
+
+def greedy_references(loaded) -> dict[str, tuple[str, int, int]]:
+    """transformers' greedy text and token counts for the completion and the chat prompt."""
+    tok = loaded.tokenizer
     out = {}
     for key, ids in (
         ("completion", encode_prompt(tok, PROMPT)),
         ("chat", apply_chat_template(tok, CHAT)),
     ):
-        tokens = reference_tokens(default_fp32.model, ids, NEW_TOKENS)
+        tokens = reference_tokens(loaded.model, ids, NEW_TOKENS)
         out[key] = (tok.decode(tokens, skip_special_tokens=True), len(tokens), len(ids))
     return out
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_fp32) -> dict[str, tuple[str, int, int]]:
+    return greedy_references(tiny_fp32)
+
+
+@pytest.fixture(scope="module")
+def real_expected(default_fp32) -> dict[str, tuple[str, int, int]]:
+    return greedy_references(default_fp32)
 
 
 def test_the_seeds_bridge_request_works_as_written(serve):
@@ -65,10 +88,10 @@ def test_models(client):
         client.models.retrieve("no-such-model")
 
 
-def test_completion_equals_transformers_with_exact_usage(client, expected):
+def check_completion(client: openai.OpenAI, model: str, expected: dict) -> None:
     text, num_tokens, num_prompt = expected["completion"]
     reply = client.completions.create(
-        model=MODEL, prompt=PROMPT, max_tokens=NEW_TOKENS, temperature=0
+        model=model, prompt=PROMPT, max_tokens=NEW_TOKENS, temperature=0
     )
     assert reply.id.startswith("cmpl-") and reply.object == "text_completion"
     assert reply.choices[0].text == text
@@ -76,23 +99,42 @@ def test_completion_equals_transformers_with_exact_usage(client, expected):
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (num_prompt, num_tokens)
 
 
-def test_chat_equals_transformers_streamed_and_not(client, expected):
+def check_chat(client: openai.OpenAI, model: str, expected: dict) -> str:
     text, num_tokens, num_prompt = expected["chat"]
     reply = client.chat.completions.create(
-        model=MODEL, messages=CHAT, max_tokens=NEW_TOKENS, temperature=0
+        model=model, messages=CHAT, max_tokens=NEW_TOKENS, temperature=0
     )
     assert reply.id.startswith("chatcmpl-") and reply.object == "chat.completion"
     assert reply.choices[0].message.role == "assistant"
-    assert reply.choices[0].message.content == text and "Paris" in text
+    assert reply.choices[0].message.content == text
     assert reply.usage.completion_tokens == num_tokens and reply.usage.prompt_tokens == num_prompt
     stream = client.chat.completions.create(
-        model=MODEL, messages=CHAT, max_tokens=NEW_TOKENS, temperature=0,
+        model=model, messages=CHAT, max_tokens=NEW_TOKENS, temperature=0,
         stream=True, stream_options={"include_usage": True},
     )  # fmt: skip
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == num_tokens
+    return text
+
+
+def test_completion_equals_transformers_with_exact_usage(client, expected):
+    check_completion(client, MODEL, expected)
+
+
+def test_chat_equals_transformers_streamed_and_not(client, expected):
+    check_chat(client, MODEL, expected)
+
+
+@pytest.mark.slow
+def test_real_model_completion_over_the_wire_equals_transformers(real_client, real_expected):
+    check_completion(real_client, REAL_MODEL, real_expected)
+
+
+@pytest.mark.slow
+def test_real_model_chat_over_the_wire_equals_transformers(real_client, real_expected):
+    assert "Paris" in check_chat(real_client, REAL_MODEL, real_expected)
 
 
 def test_async_client_streams_completions(serve, expected):
@@ -203,27 +245,28 @@ def test_client_disconnect_frees_kv_within_a_second(serve):
     serve.wait_all_blocks_free(timeout_s=2.5)  # a heartbeat (1 s) after the worker freed it
 
 
-def test_disconnect_during_prefill_frees_the_handle_promptly(serve):
+@pytest.mark.slow
+def test_disconnect_during_prefill_frees_the_handle_promptly(real_serve):
     """Before the first token only Free can release the decode worker's handle; the
     prefill worker drops the sequence when its current forward step ends."""
     long_prompt = " ".join(["word"] * 1500)
     body = json.dumps({"prompt": long_prompt, "max_tokens": 50, "stream": True}).encode()
     request = urllib.request.Request(
-        f"{serve.url}/v1/completions", body, {"Content-Type": "application/json"}
+        f"{real_serve.url}/v1/completions", body, {"Content-Type": "application/json"}
     )
     response = urllib.request.urlopen(request, timeout=60)
 
     def decode_blocks_in_use() -> bool:
         return any(
             w["free_kv_blocks"] < w["total_kv_blocks"]
-            for w in serve.cluster()["workers"]
+            for w in real_serve.cluster()["workers"]
             if w["role"] == "decode"
         )
 
     wait_until(decode_blocks_in_use, 10, "the handle to be allocated")
     response.close()
     wait_until(lambda: not decode_blocks_in_use(), 2.5, "the decode worker to free the handle")
-    serve.wait_all_blocks_free(timeout_s=30)
+    real_serve.wait_all_blocks_free(timeout_s=30)
 
 
 def test_metrics_count_requests_tokens_and_tenants(serve, client):

@@ -50,6 +50,131 @@ def test_admission_refuses_beyond_the_bound_and_times_out():
     asyncio.run(scenario())
 
 
+async def queued(admission: Admission, num_waiting: int) -> None:
+    """Until `num_waiting` requests wait in line (the loop runs nothing else meanwhile)."""
+    for _ in range(1000):
+        if admission.num_waiting == num_waiting:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{admission.num_waiting} waiting, expected {num_waiting}")
+
+
+def test_a_notify_during_a_failed_try_is_not_lost():
+    """Room that appears while a waiter is trying must wake it again, not a heartbeat later."""
+
+    async def scenario() -> str:
+        admission = Admission(max_waiting=4, queue_timeout_s=30)
+        calls = {"n": 0}
+
+        async def try_admit() -> str | None:
+            calls["n"] += 1
+            if calls["n"] == 2:  # this try saw no room, but room appears meanwhile
+                await asyncio.sleep(0)
+                admission.notify()
+                return None
+            return "admitted" if calls["n"] >= 3 else None
+
+        waiter = asyncio.create_task(admission.admit(try_admit))
+        await queued(admission, 1)
+        admission.notify()
+        result, _ = await asyncio.wait_for(waiter, 2)
+        return result
+
+    assert asyncio.run(scenario()) == "admitted"
+
+
+def test_admission_serves_waiters_in_arrival_order():
+    """A new arrival must not take the room the head of the line was woken for."""
+
+    async def scenario() -> list[str]:
+        admission = Admission(max_waiting=4, queue_timeout_s=30)
+        room = {"slots": 0}
+        order: list[str] = []
+
+        def taker(name: str):
+            async def try_admit() -> str | None:
+                if room["slots"] <= 0:
+                    return None
+                room["slots"] -= 1
+                order.append(name)
+                return name
+
+            return try_admit
+
+        def free_one() -> None:
+            room["slots"] += 1
+            admission.notify()
+
+        first = asyncio.create_task(admission.admit(taker("first")))
+        await queued(admission, 1)
+        second = asyncio.create_task(admission.admit(taker("second")))
+        await queued(admission, 2)
+        room["slots"] = 1  # room appears just as a third request arrives
+        late = asyncio.create_task(admission.admit(taker("late")))
+        await asyncio.sleep(0)
+        admission.notify()
+        await asyncio.wait_for(first, 2)
+        free_one()
+        await asyncio.wait_for(second, 2)
+        free_one()
+        await asyncio.wait_for(late, 2)
+        assert admission.num_waiting == 0
+        return order
+
+    assert asyncio.run(scenario()) == ["first", "second", "late"]
+
+
+def test_admission_timeout_is_caught_as_python_3_10_raises_it(monkeypatch):
+    """On 3.10 `asyncio.wait_for` raises asyncio.TimeoutError, not the builtin TimeoutError."""
+
+    class Py310TimeoutError(Exception):
+        pass
+
+    async def wait_for_310(awaitable, timeout):
+        task = asyncio.ensure_future(awaitable)
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            task.cancel()
+            raise Py310TimeoutError()
+        return task.result()
+
+    monkeypatch.setattr(asyncio, "TimeoutError", Py310TimeoutError)
+    monkeypatch.setattr(asyncio, "wait_for", wait_for_310)
+
+    async def scenario() -> None:
+        admission = Admission(max_waiting=1, queue_timeout_s=0.1)
+
+        async def never() -> None:
+            return None
+
+        with pytest.raises(OverloadedError, match="no KV room"):
+            await admission.admit(never)
+
+    asyncio.run(scenario())
+
+
+def test_given_back_blocks_count_as_free_before_the_next_heartbeat():
+    """The registry owns the estimate: blocks given back make room (and wake waiters) now."""
+
+    async def scenario() -> None:
+        registry = WorkerRegistry()
+        woken = []
+        registry.on_change(lambda: woken.append(1))
+        info = pb.WorkerInfo(
+            worker_id="d", role="decode", address="127.0.0.1:1", total_kv_blocks=8, block_size=16
+        )
+        registry.register(info)
+        worker = registry.get("d")
+        assert registry.reserve_blocks(worker, 100) == 7 and worker.free_blocks_estimate == 1
+        registry.heartbeat(pb.HeartbeatRequest(worker_id="d", free_kv_blocks=1))
+        assert worker.free_blocks_estimate == 1
+        num_woken = len(woken)
+        registry.release_blocks(worker, 7)
+        assert worker.free_blocks_estimate == 8 and len(woken) == num_woken + 1
+
+    asyncio.run(scenario())
+
+
 def test_registry_takes_silent_workers_out_of_rotation():
     async def scenario() -> None:
         registry = WorkerRegistry(heartbeat_interval_s=1.0, heartbeat_timeout_s=3.0)
@@ -75,7 +200,7 @@ def test_registry_takes_silent_workers_out_of_rotation():
 
 def test_a_handle_allocated_for_a_request_that_left_is_freed():
     """Cancelling the Allocate RPC does not undo it on the worker: the handle must be freed."""
-    from coordinator.dispatcher import DispatchConfig, Dispatcher
+    from coordinator.cluster_scheduler import ClusterScheduler, DispatchConfig
     from disagg.engine.sampling_params import SamplingParams
 
     class SlowDecodeWorker:
@@ -110,9 +235,9 @@ def test_a_handle_allocated_for_a_request_that_left_is_freed():
         )
         worker = SlowDecodeWorker()
         registry.get("d").decode = worker
-        dispatcher = Dispatcher(registry, Admission(), DispatchConfig())
+        scheduler = ClusterScheduler(registry, Admission(), DispatchConfig())
         request = asyncio.create_task(
-            dispatcher._allocate("r", [1, 2, 3], SamplingParams(max_tokens=4))
+            scheduler._allocate("r", [1, 2, 3], SamplingParams(max_tokens=4))
         )
         await asyncio.wait_for(worker.called.wait(), 5)
         request.cancel()
@@ -123,3 +248,52 @@ def test_a_handle_allocated_for_a_request_that_left_is_freed():
         return worker.freed_ids
 
     assert asyncio.run(scenario()) == ["h-1"]
+
+
+def test_a_failed_prefill_frees_its_handle_once_and_counts_its_blocks_back_once():
+    import grpc
+
+    from coordinator.cluster_scheduler import ClusterScheduler, DispatchConfig
+    from coordinator.errors import WorkerError
+    from coordinator.request_timing import RequestTrace
+    from disagg.engine.sampling_params import SamplingParams
+
+    class DecodeWorker:
+        def __init__(self) -> None:
+            self.freed_ids: list[str] = []
+
+        async def Allocate(self, request, timeout):
+            return pb.KVHandle(handle_id="h-1", block_ids=[0, 1])
+
+        async def Free(self, request, timeout):
+            self.freed_ids.append(request.handle_id)
+            return pb.FreeResponse(freed=True)
+
+    class FailingPrefillWorker:
+        async def Prefill(self, request, timeout):
+            metadata = grpc.aio.Metadata()
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, metadata, metadata, "gone")
+
+    async def scenario() -> tuple[list[str], int]:
+        registry = WorkerRegistry()
+        for worker_id, role in (("d", "decode"), ("p", "prefill")):
+            info = pb.WorkerInfo(
+                worker_id=worker_id, role=role, address="127.0.0.1:1", total_kv_blocks=8,
+                block_size=16,
+            )  # fmt: skip
+            registry.register(info)
+        decode = DecodeWorker()
+        registry.get("d").decode = decode
+        registry.get("p").prefill = FailingPrefillWorker()
+        scheduler = ClusterScheduler(registry, Admission(), DispatchConfig())
+        tokens = scheduler.generate([1, 2, 3], SamplingParams(max_tokens=4), RequestTrace("r"))
+        with pytest.raises(WorkerError, match="gone"):
+            await anext(tokens)
+        for _ in range(1000):  # the Free goes out from a task of its own
+            if decode.freed_ids:
+                break
+            await asyncio.sleep(0)
+        await asyncio.gather(*scheduler._cleanups)
+        return decode.freed_ids, registry.get("d").free_blocks_estimate
+
+    assert asyncio.run(scenario()) == (["h-1"], 8)

@@ -1,11 +1,15 @@
-"""One request across the cluster: allocate KV on a decode worker, prefill, then stream decode.
+"""The cluster scheduler: where one request runs, and driving it across the workers.
+
+Allocate KV on a decode worker, prefill, then stream decode:
 
     admit ─▶ D.Allocate ─▶ P.Prefill(handle) ─▶ first token ─▶ D.Decode(handle) ─▶ tokens …
                                     └── any failure or disconnect ─▶ D.Free(handle)
 
-Placement: the decode worker with the most free KV blocks (heartbeat minus what
-we allocated since), the prefill worker with the fewest prompt tokens in
-flight. A colocated worker prefills its own handles.
+Placement: the decode worker with the most free KV blocks (as the registry
+estimates them between heartbeats), the prefill worker with the fewest prompt
+tokens in flight. A colocated worker prefills its own handles. A request that
+could not fit the largest decode worker's whole pool is refused at once (400)
+instead of queueing until the admission timeout.
 """
 
 from __future__ import annotations
@@ -14,16 +18,17 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
 from coordinator.admission import Admission
+from coordinator.errors import WorkerError
 from coordinator.registry import WorkerRecord, WorkerRegistry
+from coordinator.request_timing import RequestTrace
 from disagg.config import DispatchConfig
 from disagg.engine.sampling_params import SamplingParams
 from disagg.engine.sequence import TokenLogprob
-from disagg.errors import DisaggError
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc.convert import optional_logprob, sampling_to_proto
 from disagg.rpc.status import invalid_request
@@ -31,9 +36,9 @@ from disagg.rpc.worker_limits import check_fits
 
 log = logging.getLogger(__name__)
 
-
-class WorkerError(DisaggError):
-    """A worker failed or vanished while serving the request."""
+FREEING_RETRY_S = 0.05
+"""How soon to try again a worker that refused for lack of room while the registry counts
+room there: blocks given back are freed by its engine thread a moment after Free returns."""
 
 
 @dataclass
@@ -45,39 +50,7 @@ class TokenUpdate:
     finish_reason: str | None = None
 
 
-@dataclass
-class RequestTrace:
-    """Where one request's time went; the basis of TTFT/TBT and the per-response timings."""
-
-    request_id: str
-    arrival_s: float = field(default_factory=time.time)
-    queue_s: float = 0.0
-    prefill_s: float = 0.0
-    prefill_queue_s: float = 0.0
-    """Waiting for a batch slot on the prefill worker (part of TTFT)."""
-    kv_transfer_s: float = 0.0
-    kv_bytes: int = 0
-    first_token_s: float | None = None
-    token_times_s: list[float] = field(default_factory=list)
-    prefill_worker: str = ""
-    decode_worker: str = ""
-
-    @property
-    def ttft_s(self) -> float | None:
-        return None if self.first_token_s is None else self.first_token_s - self.arrival_s
-
-    @property
-    def tbt_s(self) -> list[float]:
-        times = self.token_times_s
-        return [b - a for a, b in zip(times, times[1:])]
-
-    @property
-    def mean_tbt_s(self) -> float | None:
-        gaps = self.tbt_s
-        return sum(gaps) / len(gaps) if gaps else None
-
-
-class Dispatcher:
+class ClusterScheduler:
     def __init__(
         self, registry: WorkerRegistry, admission: Admission, config: DispatchConfig
     ) -> None:
@@ -85,6 +58,15 @@ class Dispatcher:
         self.admission = admission
         self.config = config
         self._cleanups: set[asyncio.Task] = set()
+
+    def check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Refuse (400) a request no registered decode worker could ever hold, checked against
+        the limits workers advertise (vocabulary, context, pool size).
+
+        Without this the worker's "no room" reads like a busy pool: the request would wait
+        out the admission timeout and get a 503 for something no retry can fix.
+        """
+        check_fits([w.info for w in self.registry.healthy("decode")], prompt_ids, params.max_tokens)
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, trace: RequestTrace
@@ -94,9 +76,14 @@ class Dispatcher:
             lambda: self._allocate(trace.request_id, prompt_ids, params)
         )
         trace.decode_worker = decode.worker_id
-        finished = False
+        num_blocks = self.registry.blocks_for(decode, len(prompt_ids) + params.max_tokens)
+        finished, release_reason = False, "cancelled"
         try:
-            first = await self._prefill(decode, handle, prompt_ids, params, trace)
+            try:
+                first = await self._prefill(decode, handle, prompt_ids, params, trace)
+            except WorkerError:
+                release_reason = "prefill_failed"
+                raise
             yield first
             if first.finish_reason:
                 finished = True
@@ -105,9 +92,10 @@ class Dispatcher:
                 yield update
                 finished = update.finish_reason is not None
         finally:
-            if not finished:
-                self._release_soon(decode, handle.handle_id, "cancelled")
-            self.admission.notify()
+            if finished:  # the worker freed the blocks as it finished
+                self.registry.release_blocks(decode, num_blocks)
+            else:
+                self._release_soon(decode, handle.handle_id, release_reason, num_blocks)
 
     async def _allocate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
@@ -124,21 +112,24 @@ class Dispatcher:
         for worker in candidates:
             # NOTE: counted before the call, so that requests arriving together spread out
             # instead of all picking the worker that looked emptiest a moment ago.
-            reserved = -(-num_tokens // max(1, worker.info.block_size))
-            worker.reserved_blocks += reserved
+            reserved = self.registry.reserve_blocks(worker, num_tokens)
             try:
-                handle = await self._allocate_on(worker, request)
+                handle = await self._allocate_on(worker, request, reserved)
             except grpc.aio.AioRpcError as error:
-                worker.reserved_blocks -= reserved
+                self.registry.unreserve_blocks(worker, reserved)
                 if error.code() == grpc.StatusCode.INVALID_ARGUMENT:  # e.g. can never fit: a 400
                     raise invalid_request(error, "prompt") from error
                 if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     log.warning("Allocate on %s failed: %s", worker.worker_id, error.code())
+                elif worker.free_blocks_estimate >= reserved:
+                    self.admission.notify_later(FREEING_RETRY_S)  # NOTE: see FREEING_RETRY_S
                 continue
             return worker, handle
         return None
 
-    async def _allocate_on(self, worker: WorkerRecord, request: pb.AllocateRequest) -> pb.KVHandle:
+    async def _allocate_on(
+        self, worker: WorkerRecord, request: pb.AllocateRequest, num_blocks: int = 0
+    ) -> pb.KVHandle:
         """Allocate, and if the request is cancelled meanwhile, free whatever it got.
 
         NOTE: cancelling the RPC does not undo it: the worker may already have
@@ -151,12 +142,14 @@ class Dispatcher:
         try:
             return await asyncio.shield(call)
         except asyncio.CancelledError:
-            call.add_done_callback(lambda done: self._free_orphan(worker, done))
+            call.add_done_callback(lambda done: self._free_orphan(worker, done, num_blocks))
             raise
 
-    def _free_orphan(self, worker: WorkerRecord, call: asyncio.Future) -> None:
+    def _free_orphan(self, worker: WorkerRecord, call: asyncio.Future, num_blocks: int) -> None:
         if not call.cancelled() and call.exception() is None:
-            self._release_soon(worker, call.result().handle_id, "cancelled")
+            self._release_soon(worker, call.result().handle_id, "cancelled", num_blocks)
+        else:
+            self.registry.unreserve_blocks(worker, num_blocks)
 
     def _pick_prefill(self, decode: WorkerRecord) -> WorkerRecord:
         if decode.info.role == "colocated":
@@ -182,18 +175,17 @@ class Dispatcher:
             sampling=sampling_to_proto(params),
             handle=handle,
         )
-        prefill.prompt_tokens_in_flight += len(prompt_ids)
+        self.registry.start_prefill(prefill, len(prompt_ids))
         try:
             reply = await prefill.prefill.Prefill(request, timeout=self.config.prefill_timeout_s)
         except grpc.aio.AioRpcError as error:
-            await self._free(decode, handle.handle_id, "prefill_failed")
             if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise invalid_request(error, "prompt") from error
             raise WorkerError(
                 f"prefill worker {prefill.worker_id} failed: {error.details()}"
             ) from error
         finally:
-            prefill.prompt_tokens_in_flight -= len(prompt_ids)
+            self.registry.end_prefill(prefill, len(prompt_ids))
         trace.first_token_s = time.time()
         trace.token_times_s.append(trace.first_token_s)
         trace.prefill_queue_s = reply.queue_s
@@ -238,7 +230,9 @@ class Dispatcher:
         finally:
             stream.cancel()
 
-    def _release_soon(self, decode: WorkerRecord, handle_id: str, reason: str) -> None:
+    def _release_soon(
+        self, decode: WorkerRecord, handle_id: str, reason: str, num_blocks: int
+    ) -> None:
         """Free the handle from a task of its own.
 
         NOTE: cleanup often runs while the caller is being cancelled (a client that
@@ -246,11 +240,14 @@ class Dispatcher:
         again; an awaited Free would never be sent. A separate task is not in
         that scope, so the Free always goes out.
         """
-        task = asyncio.ensure_future(self._free(decode, handle_id, reason))
+        task = asyncio.ensure_future(self._free(decode, handle_id, reason, num_blocks))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
-    async def _free(self, decode: WorkerRecord, handle_id: str, reason: str) -> None:
+    async def _free(
+        self, decode: WorkerRecord, handle_id: str, reason: str, num_blocks: int
+    ) -> None:
+        """Free the handle; once the worker has its blocks back, the registry counts them free."""
         try:
             await decode.decode.Free(
                 pb.FreeRequest(handle_id=handle_id, reason=reason),
@@ -258,3 +255,5 @@ class Dispatcher:
             )
         except grpc.aio.AioRpcError as error:
             log.warning("Free(%s) on %s failed: %s", handle_id, decode.worker_id, error.code())
+            return  # the next heartbeat says what is free
+        self.registry.release_blocks(decode, num_blocks)

@@ -9,8 +9,9 @@ import grpc
 import pytest
 
 from coordinator.admission import Admission
-from coordinator.dispatcher import Dispatcher, RequestTrace
+from coordinator.cluster_scheduler import ClusterScheduler
 from coordinator.registry import WorkerRegistry
+from coordinator.request_timing import RequestTrace
 from disagg.config import DispatchConfig
 from disagg.engine.sampling_params import SamplingParams
 from disagg.errors import InvalidRequestError
@@ -31,7 +32,7 @@ class RefusingDecodeWorker:
         )
 
 
-async def first_update(dispatcher: Dispatcher, prompt: list[int], max_tokens: int) -> None:
+async def first_update(dispatcher: ClusterScheduler, prompt: list[int], max_tokens: int) -> None:
     params = SamplingParams(max_tokens=max_tokens)
     async for _ in dispatcher.generate(prompt, params, RequestTrace("r")):
         return
@@ -51,7 +52,7 @@ def test_a_request_larger_than_every_advertised_pool_is_refused_before_allocatin
         registry = registry_with(info)
         worker = RefusingDecodeWorker()
         registry.get("d").decode = worker
-        dispatcher = Dispatcher(registry, Admission(queue_timeout_s=60), DispatchConfig())
+        dispatcher = ClusterScheduler(registry, Admission(queue_timeout_s=60), DispatchConfig())
         start = time.monotonic()
         with pytest.raises(InvalidRequestError) as error:
             await first_update(dispatcher, [5] * 100, max_tokens=100)
@@ -68,7 +69,7 @@ def test_a_worker_answering_invalid_argument_is_a_400_not_a_queue_timeout():
         worker = RefusingDecodeWorker()
         registry.get("d").decode = worker
         admission = Admission(queue_timeout_s=60)
-        dispatcher = Dispatcher(registry, admission, DispatchConfig())
+        dispatcher = ClusterScheduler(registry, admission, DispatchConfig())
         start = time.monotonic()
         with pytest.raises(InvalidRequestError) as error:
             await first_update(dispatcher, [5] * 10, max_tokens=10)
@@ -90,7 +91,7 @@ def test_vocabulary_and_context_limits_come_from_the_workers():
             vocab_size=50,
             max_model_len=64,
         )
-        dispatcher = Dispatcher(registry_with(info), Admission(), DispatchConfig())
+        dispatcher = ClusterScheduler(registry_with(info), Admission(), DispatchConfig())
         with pytest.raises(InvalidRequestError) as vocab:
             await first_update(dispatcher, [49, 50], max_tokens=4)
         assert vocab.value.param == "prompt"

@@ -6,8 +6,9 @@ import asyncio
 import time
 
 from coordinator.admission import Admission
-from coordinator.dispatcher import Dispatcher, RequestTrace
+from coordinator.cluster_scheduler import ClusterScheduler
 from coordinator.registry import WorkerRegistry
+from coordinator.request_timing import RequestTrace
 from disagg.config import DispatchConfig
 from disagg.engine.sampling_params import SamplingParams
 from disagg.rpc import control_pb2 as pb
@@ -62,7 +63,7 @@ def test_decode_times_are_moved_onto_the_coordinators_clock():
         registry.register(info)
         worker = FakeWorker()
         registry.get("c").decode = registry.get("c").prefill = worker
-        dispatcher = Dispatcher(registry, Admission(), DispatchConfig())
+        dispatcher = ClusterScheduler(registry, Admission(), DispatchConfig())
         trace = RequestTrace("r")
         params = SamplingParams(temperature=0, max_tokens=3)
         tokens = [u.token_id async for u in dispatcher.generate([1, 2, 3], params, trace)]

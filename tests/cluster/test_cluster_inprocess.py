@@ -1,0 +1,32 @@
+"""The cluster's request lifecycle on the in-process cluster (tiny model): bad requests and a
+hundred streams with random client cancellations leave every KV block free."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.cluster import test_cluster as real
+
+
+@pytest.fixture(scope="module")
+def cluster(inprocess_cluster):
+    return inprocess_cluster
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "temperature": -1}, "temperature"),
+        ({"prompt": "hi", "top_p": 1.5}, "top_p"),
+        ({"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
+        ({"prompt": 42}, "prompt"),
+    ],
+)
+def test_bad_requests_get_openai_errors_and_leak_nothing(cluster, body, param):
+    real.test_bad_requests_get_openai_errors_and_leak_nothing(cluster, body, param)
+
+
+def test_a_hundred_requests_with_random_cancellations_leak_nothing(cluster):
+    real.test_a_hundred_requests_with_random_cancellations_leak_nothing(cluster)

@@ -1,0 +1,81 @@
+"""The cluster scheduler against a small decode pool (8 blocks of 16 tokens) and a heartbeat
+far slower than the test, so nothing here may wait for a heartbeat to see room."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from tests.cluster_harness import wait_until
+from tests.inprocess_cluster import InProcessCluster
+
+NUM_KV_BLOCKS, BLOCK_SIZE = 8, 16
+POOL_TOKENS = NUM_KV_BLOCKS * BLOCK_SIZE
+HEARTBEAT_INTERVAL_S = 120.0
+QUEUE_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def small_pool(tiny_model_dir):
+    with InProcessCluster(
+        tiny_model_dir,
+        num_kv_blocks=NUM_KV_BLOCKS,
+        block_size=BLOCK_SIZE,
+        queue_timeout_s=QUEUE_TIMEOUT_S,
+        heartbeat_interval_s=HEARTBEAT_INTERVAL_S,
+    ) as cluster:
+        yield cluster
+
+
+def num_waiting(cluster: InProcessCluster) -> float:
+    with urllib.request.urlopen(f"{cluster.url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    match = re.search(r"^disagg_requests_waiting\{[^}]*\} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_a_request_larger_than_the_whole_decode_pool_is_refused_at_once(small_pool):
+    """It could never fit: a 400 now, not a 503 after waiting out the queue timeout."""
+    start_s = time.monotonic()
+    status, reply = small_pool.completion("hello", max_tokens=POOL_TOKENS, ignore_eos=True)
+    elapsed_s = time.monotonic() - start_s
+    assert status == 400, reply
+    assert reply["error"]["param"] == "max_tokens" and "decode worker" in reply["error"]["message"]
+    assert elapsed_s < QUEUE_TIMEOUT_S / 4
+    small_pool.wait_all_blocks_free()
+
+
+def test_a_waiting_request_runs_as_soon_as_a_cancelled_one_frees_its_blocks(small_pool):
+    """Each request needs 7 of the 8 blocks. The second waits; when the first one's client
+    leaves, the freed blocks admit it at once, not at the next heartbeat (minutes away)."""
+    fields = {"max_tokens": 100, "ignore_eos": True, "temperature": 0}
+    body = json.dumps({"prompt": "hello", "stream": True, **fields}).encode()
+    first = urllib.request.urlopen(
+        urllib.request.Request(
+            f"{small_pool.url}/v1/completions", body, {"Content-Type": "application/json"}
+        ),
+        timeout=60,
+    )
+    first.readline()  # the first one holds its blocks
+    second: dict = {}
+
+    def run_second() -> None:
+        start_s = time.monotonic()
+        second["reply"] = small_pool.completion("hello", **fields)
+        second["elapsed_s"] = time.monotonic() - start_s
+
+    thread = threading.Thread(target=run_second)
+    thread.start()
+    wait_until(lambda: num_waiting(small_pool) == 1, 20, "the second request to queue")
+    first.close()  # the client leaves: Free returns its blocks
+    thread.join(timeout=QUEUE_TIMEOUT_S + 10)
+    status, reply = second["reply"]
+    assert status == 200, reply
+    assert reply["usage"]["completion_tokens"] == 100
+    assert reply["metrics"]["queue_s"] > 0 and second["elapsed_s"] < HEARTBEAT_INTERVAL_S / 4
+    small_pool.wait_all_blocks_free()
