@@ -69,11 +69,10 @@ def time_variants(
 
 
 def eager_vs_fast(loaded: LoadedModel) -> dict[str, Callable[[], LlamaModel]]:
-    """The engine as it first was against the fast path, and the fast path's two attentions."""
+    """The engine as it first was against the fast path (sdpa), and the fast path with bmm."""
     hf = loaded.model
     return {
         "eager": lambda: LlamaModel(hf, fast=False),
         "fast": lambda: LlamaModel(hf, fast=True),
-        "fast_sdpa": lambda: LlamaModel(hf, fast=True, attention_method="sdpa"),
         "fast_bmm": lambda: LlamaModel(hf, fast=True, attention_method="bmm"),
     }

@@ -151,8 +151,8 @@ def bench_steps(args: argparse.Namespace, loaded: LoadedModel) -> dict:
         floor_ms = 1e3 * nbytes / (bandwidth * 1e9)
         for batch in batches:
             ms = time_variants(loaded, prompts[:batch], eager_vs_fast(loaded), args.decode_steps)
-            print(f"threads {torch.get_num_threads()} batch {batch}: "
-                  + ", ".join(f"{name} {v:.2f} ms" for name, v in ms.items()), flush=True)  # fmt: skip
+            timings = ", ".join(f"{name} {v:.2f} ms" for name, v in ms.items())
+            print(f"threads {torch.get_num_threads()} batch {batch}: {timings}", flush=True)
             results.append(
                 {"threads": torch.get_num_threads(), "batch": batch, "step_ms": ms,
                  "copy_gb_s": bandwidth, "weight_read_ms": floor_ms}
