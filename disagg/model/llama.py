@@ -94,7 +94,7 @@ class LlamaModel:
         self.embed_tokens = inner.embed_tokens.weight
         self.rotary = inner.rotary_emb
         self.final_norm = inner.norm.weight
-        self.lm_head = hf_model.lm_head.weight
+        self.lm_head = Projection([hf_model.lm_head], prepack=None if fast else False)
         self.dtype = self.embed_tokens.dtype
         self.device = self.embed_tokens.device
         self.fast = fast
@@ -145,7 +145,7 @@ class LlamaModel:
         if logits_indices is not None:
             hidden = hidden[logits_indices]
         last = rms_norm(hidden, self.final_norm, self.eps)  # [B, hidden]
-        return F.linear(last, self.lm_head).float()
+        return self.lm_head(last).float()
 
     def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         gate, up = layer.gate_up_proj(x)
