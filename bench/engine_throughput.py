@@ -3,7 +3,10 @@
 Baseline: `generate` one request at a time (what a plain transformers server does).
 Ours: every request submitted at once, continuously batched over the paged cache.
 Also: one decode step at batch B, ours against a transformers forward over the
-same batch with its dense KV cache, to show what paging costs.
+same batch with its dense KV cache, to show what paging costs; and the decode
+step of the first engine (separate projections, per-slot K/V gather) against
+the fast path, at each of `--step-batches` and `--threads`, with the batch-1
+step against the time to read the weights once at the measured bandwidth.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 
 import torch
 
+from bench.decode_step import copy_bandwidth_gb_s, eager_vs_fast, time_variants, weight_nbytes
 from bench.report import write_report
 from disagg.engine.llm_engine import EngineConfig, LLMEngine
 from disagg.engine.sampling_params import SamplingParams
@@ -35,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=8, help="timed steps per decode run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--parts", default="end-to-end,step", help="comma-separated: end-to-end, step"
+    )
+    parser.add_argument("--step-batches", default="1,16,64", help="batches for eager vs fast")
+    parser.add_argument("--threads", default="", help="comma-separated torch thread counts")
     parser.add_argument("--output", default="bench/results")
 
 
@@ -128,14 +137,62 @@ def decode_step_ms(loaded: LoadedModel, prompts: list[list[int]], steps: int) ->
     }
 
 
+def bench_steps(args: argparse.Namespace, loaded: LoadedModel) -> dict:
+    """Eager vs fast decode step per thread count and batch, plus the batch-1 roofline."""
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else [None]
+    batches = [int(b) for b in args.step_batches.split(",")]
+    prompts = make_prompts(loaded.tokenizer, max(batches), args.prompt_len, args.seed)
+    nbytes = weight_nbytes(loaded.model)
+    results = []
+    for num_threads in threads:
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        bandwidth = copy_bandwidth_gb_s()
+        floor_ms = 1e3 * nbytes / (bandwidth * 1e9)
+        for batch in batches:
+            ms = time_variants(loaded, prompts[:batch], eager_vs_fast(loaded), args.decode_steps)
+            timings = ", ".join(f"{name} {v:.2f} ms" for name, v in ms.items())
+            print(f"threads {torch.get_num_threads()} batch {batch}: {timings}", flush=True)
+            results.append(
+                {"threads": torch.get_num_threads(), "batch": batch, "step_ms": ms,
+                 "copy_gb_s": bandwidth, "weight_read_ms": floor_ms}
+            )  # fmt: skip
+    return {"weight_nbytes": nbytes, "runs": results}
+
+
+def print_steps(steps: dict, dtype: str, prompt_len: int) -> None:
+    print(f"\n== {dtype}: decode step ms at ~{prompt_len}-token contexts, "
+          f"weights {steps['weight_nbytes'] / 1e6:.0f} MB ==")  # fmt: skip
+    names = list(steps["runs"][0]["step_ms"])
+    print(f"{'threads':>7}{'batch':>6}" + "".join(f"{n:>11}" for n in names)
+          + f"{'eager/fast':>11}{'fast tok/s':>11}{'fast/read':>10}")  # fmt: skip
+    for run in steps["runs"]:
+        ms = run["step_ms"]
+        tok_s = 1e3 * run["batch"] / ms["fast"]
+        print(f"{run['threads']:>7}{run['batch']:>6}" + "".join(f"{ms[n]:>11.2f}" for n in names)
+              + f"{ms['eager'] / ms['fast']:>10.2f}x{tok_s:>11.1f}"
+              + f"{ms['fast'] / run['weight_read_ms']:>9.2f}x")  # fmt: skip
+    for run in steps["runs"]:
+        if run["batch"] == 1:
+            print(f"threads {run['threads']}: copy bandwidth {run['copy_gb_s']:.1f} GB/s, "
+                  f"weights read once {run['weight_read_ms']:.2f} ms, "
+                  f"fast batch-1 step {run['step_ms']['fast']:.2f} ms")  # fmt: skip
+
+
 def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     loaded = load_model(args.model, dtype, resolve_device("cpu"))
+    parts = args.parts.split(",")
+    result: dict = {"dtype": str(dtype).removeprefix("torch.")}
+    if "step" in parts:
+        result["steps"] = bench_steps(args, loaded)
+        print_steps(result["steps"], result["dtype"], args.prompt_len)
+    if "end-to-end" not in parts:
+        return result
     prompts = make_prompts(loaded.tokenizer, args.num_requests, args.prompt_len, args.seed)
     ours = time_ours(loaded, prompts, args.new_tokens)
     theirs = time_transformers(loaded.model, prompts, args.new_tokens)
     step = decode_step_ms(loaded, prompts, args.decode_steps)
-    return {
-        "dtype": str(dtype).removeprefix("torch."),
+    return result | {
         "ours": ours,
         "transformers": theirs,
         "decode_step": step,
@@ -173,7 +230,8 @@ def main(args: argparse.Namespace) -> int:
     results = []
     for dtype in dtypes:
         result = bench_dtype(args, dtype)
-        print_table(result, args)
+        if "ours" in result:
+            print_table(result, args)
         results.append(result)
     write_report(args, "engine_throughput", results)
     return 0

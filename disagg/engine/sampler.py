@@ -26,9 +26,15 @@ class SamplerOutput:
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-    """logits: [B, V] float32, one row per sequence in `seqs`."""
+    """logits: [B, V] float32, one row per sequence in `seqs`.
+
+    NOTE: an all-greedy batch without logprobs (the common case) is one argmax
+    and one device-to-host copy; nothing else touches the logits.
+    """
     token_ids = logits.argmax(dim=-1)  # [B]
     sampled_rows = [i for i, seq in enumerate(seqs) if not seq.params.is_greedy]
+    if not sampled_rows and all(seq.params.logprobs is None for seq in seqs):
+        return SamplerOutput(token_ids.tolist(), [None] * len(seqs))
     if sampled_rows:
         rows = torch.tensor(sampled_rows, device=logits.device)
         draws = _sample_rows(logits[rows], [seqs[i] for i in sampled_rows])

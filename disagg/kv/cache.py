@@ -82,6 +82,18 @@ class PagedKVCache:
         v = self._flat(self.v[layer])[slots]
         return k, v
 
+    def gather_blocks(
+        self, layer: int, block_ids: torch.Tensor, num_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of the first `num_tokens` positions held by `block_ids` ([nb]), [n, Hkv, D] each.
+
+        NOTE: whole blocks are copied with one index_select per tensor, far
+        cheaper than indexing every slot (one offset per token) on CPU.
+        """
+        k = self.k[layer].index_select(0, block_ids)
+        v = self.v[layer].index_select(0, block_ids)
+        return self._flat(k)[:num_tokens], self._flat(v)[:num_tokens]
+
     def token_range(
         self, layer: int, block_table: list[int], start: int, end: int
     ) -> tuple[torch.Tensor, torch.Tensor]:

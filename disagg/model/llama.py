@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from disagg.kv.cache import KVLayout, PagedKVCache
+from disagg.model.paged_attention import DecodeKeys, decode_attention
+from disagg.model.projection import Projection
 
 
 @dataclass
@@ -26,30 +28,27 @@ class AttentionMetadata:
     """[T] flat cache slot of every token in the batch."""
     query_lens: list[int]
     """Per sequence: new tokens in this batch (1 for decode)."""
-    context_slots: list[torch.Tensor | None]
-    """Prefill only, per sequence: [ctx] slots of all visible keys, or None when
-    the chunk is the whole context (keys come straight from this forward)."""
-    decode_slots: torch.Tensor | None = None
-    """Decode only: [B, Lmax] slots of each sequence's keys, padded."""
-    decode_mask: torch.Tensor | None = None
-    """Decode only: [B, 1, 1, Lmax] bool, True where a key is real; None if no padding."""
+    context_blocks: list[torch.Tensor | None]
+    """Prefill only, per sequence: [nb] block ids holding all its visible keys, or
+    None when the chunk is the whole context (keys come straight from this forward)."""
+    context_lens: list[int]
+    """Prefill only, per sequence: visible keys (cached prefix plus this chunk)."""
+    decode_keys: DecodeKeys | None = None
+    """Decode only: block tables and padding mask of the batch."""
 
     @property
     def is_decode(self) -> bool:
-        return self.decode_slots is not None
+        return self.decode_keys is not None
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    q_proj: torch.nn.Linear
-    k_proj: torch.nn.Linear
-    v_proj: torch.nn.Linear
-    o_proj: torch.nn.Linear
+    qkv_proj: Projection
+    o_proj: Projection
     post_norm: torch.Tensor
-    gate_proj: torch.nn.Linear
-    up_proj: torch.nn.Linear
-    down_proj: torch.nn.Linear
+    gate_up_proj: Projection
+    down_proj: Projection
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -71,14 +70,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def linear(x: torch.Tensor, proj: torch.nn.Linear) -> torch.Tensor:
-    return F.linear(x, proj.weight, proj.bias)
-
-
 class LlamaModel:
-    """Forward pass only; holds references to the transformers model's weights."""
+    """Forward pass only; holds references to the transformers model's weights.
 
-    def __init__(self, hf_model: torch.nn.Module) -> None:
+    `fast=True` (the serving path): Q/K/V and gate/up fused into one matmul each,
+    decode attention reading whole blocks of the pool (`attention_method`, see
+    paged_attention). `fast=False` runs every projection separately and gathers
+    K/V slot by slot: the engine as it first was, kept as a measured baseline.
+    """
+
+    def __init__(
+        self, hf_model: torch.nn.Module, fast: bool = True, attention_method: str = "auto"
+    ) -> None:
         config = hf_model.config
         inner = hf_model.model
         self.config = config
@@ -91,24 +94,23 @@ class LlamaModel:
         self.embed_tokens = inner.embed_tokens.weight
         self.rotary = inner.rotary_emb
         self.final_norm = inner.norm.weight
-        self.lm_head = hf_model.lm_head.weight
+        self.lm_head = Projection([hf_model.lm_head], prepack=None if fast else False)
         self.dtype = self.embed_tokens.dtype
         self.device = self.embed_tokens.device
-        self.layers = [self._layer_weights(layer) for layer in inner.layers]
+        self.fast = fast
+        self.attention_method = attention_method if fast else "gather_slots"
+        self.layers = [self._layer_weights(layer, fast) for layer in inner.layers]
 
     @staticmethod
-    def _layer_weights(layer: torch.nn.Module) -> LayerWeights:
+    def _layer_weights(layer: torch.nn.Module, fast: bool) -> LayerWeights:
         attn, mlp = layer.self_attn, layer.mlp
         return LayerWeights(
             input_norm=layer.input_layernorm.weight,
-            q_proj=attn.q_proj,
-            k_proj=attn.k_proj,
-            v_proj=attn.v_proj,
-            o_proj=attn.o_proj,
+            qkv_proj=Projection([attn.q_proj, attn.k_proj, attn.v_proj], fused=fast),
+            o_proj=Projection([attn.o_proj], prepack=None if fast else False),
             post_norm=layer.post_attention_layernorm.weight,
-            gate_proj=mlp.gate_proj,
-            up_proj=mlp.up_proj,
-            down_proj=mlp.down_proj,
+            gate_up_proj=Projection([mlp.gate_proj, mlp.up_proj], fused=fast),
+            down_proj=Projection([mlp.down_proj], prepack=None if fast else False),
         )
 
     def kv_layout(self, block_size: int) -> KVLayout:
@@ -121,10 +123,11 @@ class LlamaModel:
         positions: torch.Tensor,
         meta: AttentionMetadata,
         kv_cache: PagedKVCache,
-        logits_indices: torch.Tensor,
+        logits_indices: torch.Tensor | None,
         on_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [T]; logits_indices: [B]. Returns float32 logits [B, V].
+        """input_ids, positions: [T]; logits_indices: [B] rows that need logits, None for
+        every row (decode). Returns float32 logits [B, V].
 
         `on_layer(i)` runs as soon as layer i's K/V are in the cache, so a caller
         can ship them while the next layer computes.
@@ -139,13 +142,14 @@ class LlamaModel:
             hidden = hidden + self._mlp(layer, normed)
             if on_layer is not None:
                 on_layer(index)
-        last = rms_norm(hidden[logits_indices], self.final_norm, self.eps)  # [B, hidden]
-        return F.linear(last, self.lm_head).float()
+        if logits_indices is not None:
+            hidden = hidden[logits_indices]
+        last = rms_norm(hidden, self.final_norm, self.eps)  # [B, hidden]
+        return self.lm_head(last).float()
 
     def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        return linear(
-            F.silu(linear(x, layer.gate_proj)) * linear(x, layer.up_proj), layer.down_proj
-        )
+        gate, up = layer.gate_up_proj(x)
+        return layer.down_proj(F.silu(gate) * up)
 
     def _attention(
         self,
@@ -158,16 +162,24 @@ class LlamaModel:
         kv_cache: PagedKVCache,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = linear(x, layer.q_proj).view(num_tokens, self.num_heads, self.head_dim)
-        k = linear(x, layer.k_proj).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = linear(x, layer.v_proj).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = layer.qkv_proj(x)
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kv_cache.write(index, meta.slot_mapping, k, v)
         if meta.is_decode:
-            out = self._decode_attention(index, q, meta, kv_cache)
+            out = decode_attention(
+                q,
+                kv_cache.k[index],
+                kv_cache.v[index],
+                meta.decode_keys,
+                self.scale,
+                self.attention_method,
+            )
         else:
             out = self._prefill_attention(index, q, k, v, meta, kv_cache)
-        return linear(out.reshape(num_tokens, self.num_heads * self.head_dim), layer.o_proj)
+        return layer.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
     def _prefill_attention(
         self,
@@ -181,13 +193,15 @@ class LlamaModel:
         """Each sequence attends causally to its own keys. q: [T, Hq, D] -> [T, Hq, D]."""
         outputs = []
         start = 0
-        for query_len, context_slots in zip(meta.query_lens, meta.context_slots):
+        for query_len, blocks, context_len in zip(
+            meta.query_lens, meta.context_blocks, meta.context_lens
+        ):
             q_seq = q[start : start + query_len].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
-            if context_slots is None:
+            if blocks is None:
                 k_seq, v_seq = k[start : start + query_len], v[start : start + query_len]
                 out = self._sdpa_causal(q_seq, k_seq, v_seq)
             else:
-                k_seq, v_seq = kv_cache.gather(index, context_slots)  # [ctx, Hkv, D]
+                k_seq, v_seq = kv_cache.gather_blocks(index, blocks, context_len)  # [ctx, Hkv, D]
                 out = self._sdpa_chunk(q_seq, k_seq, v_seq)
             outputs.append(out[0].transpose(0, 1))  # [n, Hq, D]
             start += query_len
@@ -211,20 +225,3 @@ class LlamaModel:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True
         )
-
-    def _decode_attention(
-        self, index: int, q: torch.Tensor, meta: AttentionMetadata, kv_cache: PagedKVCache
-    ) -> torch.Tensor:
-        """One query per sequence. q: [B, Hq, D] -> [B, Hq, D].
-
-        NOTE: the query heads that share a KV head are packed as that head's
-        queries ([B, Hkv, groups, D]), as transformers does for one-token
-        queries, so K/V are never repeated per query head.
-        """
-        batch = q.shape[0]
-        groups = self.num_heads // self.num_kv_heads
-        k, v = kv_cache.gather(index, meta.decode_slots)  # [B, L, Hkv, D]
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, L, D]
-        q = q.view(batch, self.num_kv_heads, groups, self.head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_mask, scale=self.scale)
-        return out.reshape(batch, self.num_heads, self.head_dim)

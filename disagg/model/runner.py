@@ -15,6 +15,7 @@ from disagg.engine.scheduler import ScheduledChunk
 from disagg.engine.sequence import Sequence
 from disagg.kv.cache import PagedKVCache
 from disagg.model.llama import AttentionMetadata, LlamaModel
+from disagg.model.paged_attention import DecodeKeys
 
 
 class ModelRunner:
@@ -29,7 +30,8 @@ class ModelRunner:
         self, chunks: list[ScheduledChunk], on_layer: Callable[[int], None] | None = None
     ) -> tuple[list[Sequence], SamplerOutput]:
         """Compute the chunks' K/V into their blocks; sample for prompts that complete."""
-        input_ids, positions, slots, context_slots = [], [], [], []
+        block_size = self.kv_cache.layout.block_size
+        input_ids, positions, slots, context_blocks = [], [], [], []
         logits_indices: list[int] = []
         completed: list[Sequence] = []
         for chunk in chunks:
@@ -38,10 +40,9 @@ class ModelRunner:
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
             slots += self.kv_cache.slot_ids(seq.block_table, start, end)
-            context_slots.append(
-                None
-                if start == 0
-                else self._tensor(self.kv_cache.slot_ids(seq.block_table, 0, end))
+            num_blocks = -(-end // block_size)
+            context_blocks.append(
+                None if start == 0 else self._tensor(seq.block_table[:num_blocks])
             )
             if chunk.completes_prompt:
                 logits_indices.append(len(input_ids) - 1)
@@ -49,7 +50,8 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots),
             query_lens=[chunk.num_tokens for chunk in chunks],
-            context_slots=context_slots,
+            context_blocks=context_blocks,
+            context_lens=[c.seq.num_computed_tokens + c.num_tokens for c in chunks],
         )
         logits = self.model.forward(
             self._tensor(input_ids),
@@ -64,42 +66,33 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> SamplerOutput:
         """One token for each sequence; each feeds its last token, whose K/V is not cached yet."""
-        positions = self._tensor([seq.num_tokens - 1 for seq in seqs])  # [B]
-        context_lens = positions + 1
-        slots, mask = self._decode_slots(seqs, context_lens)
+        block_size = self.kv_cache.layout.block_size
+        context_lens = [seq.num_tokens for seq in seqs]
+        num_blocks = -(-max(context_lens) // block_size)
+        # NOTE: padding entries point at block 0; the key mask hides whatever is there.
+        tables = self._tensor([_padded(seq.block_table[:num_blocks], num_blocks) for seq in seqs])
+        positions = self._tensor(context_lens) - 1  # [B]
+        last_blocks = tables.gather(1, (positions // block_size).unsqueeze(1)).squeeze(1)
         meta = AttentionMetadata(
-            slot_mapping=slots.gather(1, positions.unsqueeze(1)).squeeze(1),
+            slot_mapping=last_blocks * block_size + positions % block_size,
             query_lens=[1] * len(seqs),
-            context_slots=[],
-            decode_slots=slots,
-            decode_mask=mask,
+            context_blocks=[],
+            context_lens=[],
+            decode_keys=DecodeKeys.build(tables, context_lens, block_size),
         )
         input_ids = self._tensor([seq.last_token_id for seq in seqs])
-        batch_rows = torch.arange(len(seqs), device=self.device)
-        logits = self.model.forward(input_ids, positions, meta, self.kv_cache, batch_rows)
+        logits = self.model.forward(input_ids, positions, meta, self.kv_cache, None)
         return self._sample(logits, seqs)
-
-    def _decode_slots(
-        self, seqs: list[Sequence], context_lens: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[B, Lmax] cache slots of every sequence's keys, and the padding mask if needed."""
-        block_size = self.kv_cache.layout.block_size
-        max_len = int(context_lens.max())
-        num_blocks = -(-max_len // block_size)
-        # NOTE: padding entries point at block 0; the mask hides whatever is there.
-        tables = self._tensor([_padded(seq.block_table[:num_blocks], num_blocks) for seq in seqs])
-        pos = torch.arange(max_len, device=self.device)
-        slots = tables[:, pos // block_size] * block_size + pos % block_size  # [B, Lmax]
-        if bool((context_lens == max_len).all()):
-            return slots, None
-        mask = pos.unsqueeze(0) < context_lens.unsqueeze(1)  # [B, Lmax]
-        return slots, mask[:, None, None, :]
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """logits: [B, V]. Stop tokens are masked for sequences still short of min_tokens."""
-        for row, seq in enumerate(seqs):
-            if seq.num_output_tokens < seq.params.min_tokens:
-                logits[row, list(seq.stop_token_ids(self.eos_token_ids))] = float("-inf")
+        short = [
+            (row, seq)
+            for row, seq in enumerate(seqs)
+            if seq.num_output_tokens < seq.params.min_tokens
+        ]
+        for row, seq in short:
+            logits[row, list(seq.stop_token_ids(self.eos_token_ids))] = float("-inf")
         return sample(logits, seqs)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:

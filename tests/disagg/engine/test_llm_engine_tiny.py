@@ -138,3 +138,16 @@ def test_prefill_logits_match_transformers():
     top = seq.output_logprobs[0].top
     assert [token for token, _ in top] == expected.topk(5).indices.tolist()
     assert torch.allclose(torch.tensor([lp for _, lp in top]), expected.topk(5).values, atol=1e-5)
+
+
+def test_engine_serves_the_fast_path_and_it_matches_the_first_engine():
+    from disagg.model.llama import LlamaModel
+
+    engine = make_engine()
+    assert engine.model.fast and engine.model.attention_method == "auto"
+    prompts = random_prompts(5, [9, 2, 33, 17, 70], seed=6)
+    fast = [seq.output_token_ids for seq in engine.generate(prompts, GREEDY)]
+    engine.runner.model = LlamaModel(engine.loaded.model, fast=False)
+    first = [seq.output_token_ids for seq in engine.generate(prompts, GREEDY)]
+    assert fast == first
+    assert_all_blocks_free(engine)
