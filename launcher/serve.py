@@ -195,7 +195,8 @@ def serve(plan: ClusterPlan) -> int:
         roles = ", ".join(name for name in cluster.processes if name != "coordinator")
         print(
             f"disagg serve: ready on http://{plan.coordinator.host}:{plan.coordinator.http_port} "
-            f"({plan.serve.mode}: {roles}); Ctrl-C stops",
+            f"({plan.serve.mode}: {roles}; {plan.threads_per_worker} torch thread(s) per worker "
+            f"of {plan.total_threads} cores); Ctrl-C stops",
             flush=True,
         )
         return cluster.wait()
