@@ -9,6 +9,7 @@ from starlette.routing import Route
 
 from coordinator import kserve_rest, openai_api
 from coordinator.frontend import Frontend
+from coordinator.openapi import openapi_document
 
 
 def build_app(frontend: Frontend) -> Starlette:
@@ -42,11 +43,17 @@ def build_app(frontend: Frontend) -> Starlette:
             {"status": "ok" if ready else "unavailable"}, status_code=200 if ready else 503
         )
 
+    document = openapi_document()
+
+    async def openapi(request: Request) -> JSONResponse:
+        return JSONResponse(document)
+
     routes = [
         *openai_api.routes(frontend),
         *kserve_rest.routes(frontend),
         Route("/metrics", metrics),
         Route("/health", health),
         Route("/cluster", cluster),
+        Route("/openapi.json", openapi),
     ]
     return Starlette(routes=routes)

@@ -94,3 +94,22 @@ def check_unsupported_sampling(body: dict, vocab_size: int) -> None:
         number({"logit_bias": value}, "logit_bias", 0.0, *LOGIT_BIAS_RANGE)
     if bias:
         raise InvalidRequestError("logit_bias is not supported", "logit_bias")
+
+
+JSON_TYPES = {
+    "response_format": (dict,),
+    "stream_options": (dict,),
+    "tools": (list,),
+    "tool_choice": (str, dict),
+    "messages": (list,),
+}
+"""Structured fields whose parsers assume a shape: a wrong one is a 400 here, not a crash."""
+
+
+def check_json_types(body: dict) -> None:
+    for name, kinds in JSON_TYPES.items():
+        value = body.get(name)
+        if value is not None and not isinstance(value, kinds):
+            names = " or ".join("object" if k is dict else k.__name__ for k in kinds)
+            names = names.replace("list", "array").replace("str", "string")
+            raise InvalidRequestError(f"{name} must be {names}, got {type(value).__name__}", name)

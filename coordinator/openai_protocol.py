@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from coordinator.generation import DEFAULT_TENANT, GenerationRequest
 from coordinator.openai_fields import (
+    check_json_types,
     check_unsupported_sampling,
     integer,
     max_new_tokens,
@@ -144,6 +145,7 @@ def max_tokens(body: dict, prompt_len: int, model: ModelInfo, default: int | Non
 
 
 def parse_completion(body: dict, model: ModelInfo, tenant_header: str | None) -> ParsedRequest:
+    check_json_types(body)
     reject_unsupported(body)
     check_unsupported_sampling(body, len(model.tokenizer))
     logprobs = field(body, "logprobs", int)
@@ -162,6 +164,7 @@ def parse_completion(body: dict, model: ModelInfo, tenant_header: str | None) ->
 
 
 def parse_chat(body: dict, model: ModelInfo, tenant_header: str | None) -> ParsedRequest:
+    check_json_types(body)
     reject_unsupported(body)
     check_unsupported_sampling(body, len(model.tokenizer))
     messages = body.get("messages")

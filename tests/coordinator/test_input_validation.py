@@ -81,6 +81,9 @@ CHAT_CASES = [
     ({"temperature": NAN}, 400, "temperature"),
     ({"seed": -1, "temperature": 1.0}, 200, OK),
     ({"top_k": -1}, 200, OK),
+    ({"response_format": "json"}, 400, "response_format"),  # found by the fuzz: was a 500
+    ({"stream_options": []}, 400, "stream_options"),
+    ({"messages": "Hi"}, 400, "messages"),
 ]
 
 KSERVE_REST_CASES = [
