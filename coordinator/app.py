@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from coordinator import kserve_rest, openai_api
+from coordinator.auth import ApiKeyMiddleware, ApiKeys
 from coordinator.frontend import Frontend
 from coordinator.openapi import openapi_document
 
 
-def build_app(frontend: Frontend) -> Starlette:
+def build_app(frontend: Frontend, api_keys: ApiKeys | None = None) -> Starlette:
+    """Every HTTP route; with API keys, all but health, readiness and metrics need one."""
+
     async def metrics(request: Request) -> Response:
         body = frontend.metrics.render(
             frontend.registry, frontend.generator.num_running, frontend.admission.num_waiting
@@ -56,4 +60,5 @@ def build_app(frontend: Frontend) -> Starlette:
         Route("/cluster", cluster),
         Route("/openapi.json", openapi),
     ]
-    return Starlette(routes=routes)
+    keys = api_keys or ApiKeys()
+    return Starlette(routes=routes, middleware=[Middleware(ApiKeyMiddleware, keys=keys)])

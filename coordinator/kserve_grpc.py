@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from coordinator.auth import ApiKeys, UnauthorizedError
 from coordinator.errors import NotFoundError, classify
 from coordinator.frontend import MODEL_VERSION, SERVER_NAME, SERVER_VERSION, Frontend
 from coordinator.generation import GenerationRequest, resolve_tenant
@@ -124,14 +125,15 @@ class InferJob:
     output_names: list[str]
 
 
-def parse_job(request: Any, frontend: Frontend) -> InferJob:
+def parse_job(request: Any, frontend: Frontend, key_tenant: str | None = None) -> InferJob:
+    """`key_tenant`, the API key's tenant when keys are on, wins over the `tenant_id` parameter."""
     frontend.check_model(request.model_name, request.model_version)
     text = parse_text_request(
         input_tensors(request), param_values(request.parameters), frontend.model.tokenizer
     )
     names = [output.name for output in request.outputs] or list(OUTPUT_DATATYPES)
     check_output_names(names)
-    tenant = resolve_tenant(text.tenant)
+    tenant = key_tenant or resolve_tenant(text.tenant)
     requests = [GenerationRequest(ids, text.params, tenant) for ids in text.prompts]
     return InferJob(request.id, request.model_name, requests, names)
 
@@ -165,11 +167,23 @@ class _Final:
 
 
 class KServeServicer:
-    """The GRPCInferenceService methods, over the coordinator's shared Frontend."""
+    """The GRPCInferenceService methods, over the coordinator's shared Frontend. With API keys,
+    all but ServerLive, ServerReady and ModelReady need metadata `authorization: Bearer KEY`."""
 
-    def __init__(self, frontend: Frontend, messages: ModuleType) -> None:
+    def __init__(
+        self, frontend: Frontend, messages: ModuleType, api_keys: ApiKeys | None = None
+    ) -> None:
         self.frontend = frontend
         self.pb = messages
+        self.api_keys = api_keys or ApiKeys()
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> str | None:
+        """The key's tenant (None when keys are off); aborts UNAUTHENTICATED otherwise."""
+        metadata = dict(context.invocation_metadata() or ())
+        try:
+            return self.api_keys.tenant(metadata.get("authorization"))
+        except UnauthorizedError as error:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -193,6 +207,7 @@ class KServeServicer:
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
+        await self._authenticate(context)
         return self.pb.ServerMetadataResponse(
             name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS
         )
@@ -200,6 +215,7 @@ class KServeServicer:
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
+        await self._authenticate(context)
         try:
             self.frontend.check_model(request.name, request.version)
         except NotFoundError as exc:
@@ -209,8 +225,9 @@ class KServeServicer:
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
+        tenant = await self._authenticate(context)
         try:
-            return await self._infer(request)
+            return await self._infer(request, tenant)
         except Exception as exc:  # every failure becomes a status code
             code, message = grpc_status(exc)
         await context.abort(code, message)
@@ -218,8 +235,9 @@ class KServeServicer:
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        tenant = await self._authenticate(context)
         outbox: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        reader = asyncio.create_task(self._serve_stream(requests, outbox))
+        reader = asyncio.create_task(self._serve_stream(requests, outbox, tenant))
         try:
             while (response := await outbox.get()) is not None:
                 yield response
@@ -229,8 +247,10 @@ class KServeServicer:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        job = parse_job(request, self.frontend)
+    async def _infer(
+        self, request: pb.ModelInferRequest, tenant: str | None
+    ) -> pb.ModelInferResponse:
+        job = parse_job(request, self.frontend, tenant)
         # NOTE: a client that leaves cancels this handler, which cancels every generation
         completions = await self.frontend.runner.complete_all(job.requests)
         response = infer_response(self.pb, job, completions, job.output_names)
@@ -238,13 +258,16 @@ class KServeServicer:
         return response
 
     async def _serve_stream(
-        self, requests: AsyncIterator[pb.ModelInferRequest], outbox: asyncio.Queue
+        self,
+        requests: AsyncIterator[pb.ModelInferRequest],
+        outbox: asyncio.Queue,
+        tenant: str | None,
     ) -> None:
         """Start each request as it arrives; end the response stream once all have finished."""
         tasks: set[asyncio.Task] = set()
         try:
             async for request in requests:
-                task = asyncio.create_task(self._stream_one(request, outbox))
+                task = asyncio.create_task(self._stream_one(request, outbox, tenant))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             await asyncio.gather(*tasks)
@@ -254,9 +277,11 @@ class KServeServicer:
             await asyncio.gather(*tasks, return_exceptions=True)
             outbox.put_nowait(None)
 
-    async def _stream_one(self, request: pb.ModelInferRequest, outbox: asyncio.Queue) -> None:
+    async def _stream_one(
+        self, request: pb.ModelInferRequest, outbox: asyncio.Queue, tenant: str | None
+    ) -> None:
         try:
-            job = parse_job(request, self.frontend)
+            job = parse_job(request, self.frontend, tenant)
             if len(job.requests) != 1:
                 raise InvalidRequestError("ModelStreamInfer takes one prompt per request", "inputs")
             await self._stream_chunks(job, outbox)
@@ -292,8 +317,10 @@ class KServeServicer:
         return self.pb.ModelStreamInferResponse(infer_response=response)
 
 
-def add_to_server(server: grpc.aio.Server, frontend: Frontend) -> None:
+def add_to_server(
+    server: grpc.aio.Server, frontend: Frontend, api_keys: ApiKeys | None = None
+) -> None:
     from disagg.rpc import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 
-    servicer = KServeServicer(frontend, grpc_predict_v2_pb2)
+    servicer = KServeServicer(frontend, grpc_predict_v2_pb2, api_keys)
     grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)

@@ -14,7 +14,8 @@ Choices:
 - Per-response timings (ttft_s, queue_s, prefill_s, kv_transfer_s, kv_bytes, prefill_worker,
   decode_worker, e2e_s) go in the response's `parameters` (infer, generate, and the last
   generate_stream event), where standard clients ignore them.
-- The tenant label is the `tenant_id` parameter, else the X-Tenant-Id header, else "default".
+- The tenant label is the API key's tenant when keys are configured; else the `tenant_id`
+  parameter, else the X-Tenant-Id header, else "default".
 - Outputs are binary when the request asks (`outputs[i].parameters.binary_data`, else
   `parameters.binary_data_output`), with the `Inference-Header-Content-Length` header; else JSON.
 - Errors are {"error": "..."} with the status `errors.classify` gives (503 + Retry-After when
@@ -32,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from coordinator.auth import scope_tenant
 from coordinator.errors import ClientGoneError, classify
 from coordinator.frontend import MODEL_VERSION, SERVER_NAME, SERVER_VERSION, Frontend
 from coordinator.generation import Completion, GenerationRequest, TextChunk, resolve_tenant
@@ -216,7 +218,9 @@ class KServeRest:
         return body, self._generation_requests(request, text)[0]
 
     def _generation_requests(self, request: Request, text: TextRequest) -> list[GenerationRequest]:
-        tenant = resolve_tenant(text.tenant, request.headers.get("x-tenant-id"))
+        tenant = scope_tenant(request.scope) or resolve_tenant(
+            text.tenant, request.headers.get("x-tenant-id")
+        )
         return [GenerationRequest(ids, text.params, tenant) for ids in text.prompts]
 
     def _response_header(self, body: dict, traces: list[RequestTrace]) -> dict:

@@ -11,6 +11,7 @@ import uvicorn
 from coordinator import kserve_grpc
 from coordinator.admission import Admission
 from coordinator.app import build_app
+from coordinator.auth import ApiKeys
 from coordinator.cluster_scheduler import ClusterScheduler
 from coordinator.frontend import Frontend
 from coordinator.generation import Generator
@@ -46,6 +47,7 @@ async def run(config: CoordinatorConfig, dispatch: DispatchConfig | None = None)
     add_grpc_port(control, config.host, config.control_port, "--control-port")
     inference = grpc_server()
     add_grpc_port(inference, config.host, config.grpc_port, "--grpc-port")
+    api_keys = ApiKeys.from_config(config)  # a bad key file fails before the model loads
     model = load_model_info(config.model)
     served_name = config.served_model_name or model.name
     registry = WorkerRegistry(config.heartbeat_interval_s, config.heartbeat_timeout_s)
@@ -62,13 +64,13 @@ async def run(config: CoordinatorConfig, dispatch: DispatchConfig | None = None)
     await control_health.start()
     await control.start()
     control_health.follow(lambda: True)  # registrations are welcome from the start
-    kserve_grpc.add_to_server(inference, frontend)
+    kserve_grpc.add_to_server(inference, frontend, api_keys)
     inference_health = ServerHealth(inference, [INFERENCE_SERVICE])
     await inference_health.start()
     await inference.start()
     inference_health.follow(lambda: frontend.is_ready)
 
-    app = tracing.traced_asgi(build_app(frontend))
+    app = tracing.traced_asgi(build_app(frontend, api_keys))
     http = uvicorn.Server(
         uvicorn.Config(
             app, host=config.host, port=config.http_port, log_level="warning", lifespan="off"

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from coordinator.auth import scope_tenant
 from coordinator.errors import ClientGoneError, classify
 from coordinator.frontend import Frontend
 from coordinator.generation_runner import ChunkStreams
@@ -88,6 +89,9 @@ class OpenAIApi:
             parsed: ParsedRequest = parse(
                 body, self.frontend.model, request.headers.get("x-tenant-id")
             )
+            if (tenant := scope_tenant(request.scope)) is not None:
+                for generation in parsed.requests:  # with API keys, the key names the tenant
+                    generation.tenant = tenant
             response_id = f"{shape.id_prefix}-{uuid.uuid4().hex}"
             if parsed.stream:
                 streams = self.frontend.runner.stream(parsed.requests)

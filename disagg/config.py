@@ -163,8 +163,16 @@ class CoordinatorConfig:
     """Requests that may wait for KV room before new ones are refused."""
     queue_timeout_s: float = 30.0
     """Longest wait for KV room, in seconds."""
+    api_key: tuple[str, ...] = ()
+    """An API key clients must send (`Authorization: Bearer KEY`); repeatable. Its tenant is
+    `default`. With any key set, every endpoint but health, readiness and metrics needs one."""
+    api_keys: str = ""
+    """A file of API keys, one `KEY TENANT` per line (`#` comments): the tenant comes from the
+    key, not from what the client claims."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "api_key", tuple(self.api_key or ()))
+        require(all(self.api_key), "api_key", "must not be empty")
         for name in ("http_port", "grpc_port", "control_port"):
             require_port(getattr(self, name), name)
         require(self.heartbeat_interval_s > 0, "heartbeat_interval_s", "must be > 0")
