@@ -179,6 +179,8 @@ class KServeServicer:
 
     async def _authenticate(self, context: grpc.aio.ServicerContext) -> str | None:
         """The key's tenant (None when keys are off); aborts UNAUTHENTICATED otherwise."""
+        if not self.api_keys.is_enabled:
+            return None
         metadata = dict(context.invocation_metadata() or ())
         try:
             return self.api_keys.tenant(metadata.get("authorization"))
