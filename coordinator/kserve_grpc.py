@@ -61,6 +61,7 @@ STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     404: grpc.StatusCode.NOT_FOUND,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
 }
 
@@ -253,8 +254,11 @@ class KServeServicer:
         self, request: pb.ModelInferRequest, tenant: str | None
     ) -> pb.ModelInferResponse:
         job = parse_job(request, self.frontend, tenant)
-        # NOTE: a client that leaves cancels this handler, which cancels every generation
-        completions = await self.frontend.runner.complete_all(job.requests)
+        lease = self.frontend.quotas.admit(job.requests[0].tenant)
+        try:  # NOTE: a client that leaves cancels this handler, which cancels every generation
+            completions = await self.frontend.runner.complete_all(job.requests)
+        finally:
+            lease.release()
         response = infer_response(self.pb, job, completions, job.output_names)
         set_params(response.parameters, merged_timings([c.trace for c in completions]))
         return response
@@ -294,6 +298,13 @@ class KServeServicer:
             outbox.put_nowait(error)
 
     async def _stream_chunks(self, job: InferJob, outbox: asyncio.Queue) -> None:
+        lease = self.frontend.quotas.admit(job.requests[0].tenant)
+        try:
+            await self._pump_chunks(job, outbox)
+        finally:
+            lease.release()
+
+    async def _pump_chunks(self, job: InferJob, outbox: asyncio.Queue) -> None:
         streams = self.frontend.runner.stream(job.requests)
         trace = streams.traces[0]
         last: GenerationResult | None = None

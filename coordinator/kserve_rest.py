@@ -26,7 +26,8 @@ Choices:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 
 from starlette.requests import Request
@@ -56,6 +57,7 @@ from coordinator.kserve_rest_body import (
     tensor_from_value,
 )
 from coordinator.kserve_text import TextRequest, model_metadata, output_tensors, parse_text_request
+from coordinator.quotas import Lease
 from coordinator.request_timing import RequestTrace, merged_timings
 from disagg.errors import InvalidRequestError
 
@@ -154,32 +156,41 @@ class KServeRest:
         inputs = request_inputs(header, binary)
         outputs = requested_outputs(header)
         text = parse_text_request(inputs, json_object(header, "parameters"), self._tokenizer)
-        completions = await self.frontend.runner.complete_all(
-            self._generation_requests(request, text), partial(until_disconnected, request)
-        )
+        generations = self._generation_requests(request, text)
+        with self._lease(generations):
+            completions = await self.frontend.runner.complete_all(
+                generations, partial(until_disconnected, request)
+            )
         body = self._response_header(header, [c.trace for c in completions])
         return infer_response(body, output_tensors(completions, list(outputs)), outputs)
 
     async def generate(self, request: Request) -> Response:
         body, generation = await self._generation(request)
-        completions = await self.frontend.runner.complete_all(
-            [generation], partial(until_disconnected, request)
-        )
+        with self._lease([generation]):
+            completions = await self.frontend.runner.complete_all(
+                [generation], partial(until_disconnected, request)
+            )
         return JSONResponse(self._generate_event(body, completions[0], completions[0].trace))
 
     async def generate_stream(self, request: Request) -> Response:
         body, generation = await self._generation(request)
-        streams = self.frontend.runner.stream([generation])
+        lease = self.frontend.quotas.admit(generation.tenant)
+        try:
+            streams = self.frontend.runner.stream([generation])
+        except BaseException:
+            lease.release()
+            raise
         try:  # NOTE: the first chunk comes before any byte, so early errors keep their status
             first = await streams.next_chunk()
         except BaseException:
             streams.close()
+            lease.release()
             raise
-        events = self._events(body, first, streams)
+        events = self._events(body, first, streams, lease)
         return ClosingStreamingResponse(events, media_type="text/event-stream")
 
     async def _events(
-        self, body: dict, first: TextChunk | None, streams: ChunkStreams
+        self, body: dict, first: TextChunk | None, streams: ChunkStreams, lease: Lease
     ) -> AsyncIterator[str]:
         trace = streams.traces[0]
         try:
@@ -191,6 +202,7 @@ class KServeRest:
             yield sse({"error": classify(error).message})
         finally:
             streams.close()  # a client gone mid-stream frees the KV here
+            lease.release()
 
     def _generate_event(
         self, body: dict, result: Completion | TextChunk, trace: RequestTrace
@@ -216,6 +228,15 @@ class KServeRest:
         if len(text.prompts) != 1:
             raise InvalidRequestError("generate takes one prompt; use infer for a batch", "inputs")
         return body, self._generation_requests(request, text)[0]
+
+    @contextmanager
+    def _lease(self, generations: list[GenerationRequest]) -> Iterator[None]:
+        """The tenant's quota held while the request runs (429 when over it)."""
+        lease = self.frontend.quotas.admit(generations[0].tenant)
+        try:
+            yield
+        finally:
+            lease.release()
 
     def _generation_requests(self, request: Request, text: TextRequest) -> list[GenerationRequest]:
         tenant = scope_tenant(request.scope) or resolve_tenant(

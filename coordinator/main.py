@@ -16,6 +16,7 @@ from coordinator.cluster_scheduler import ClusterScheduler
 from coordinator.frontend import Frontend
 from coordinator.generation import Generator
 from coordinator.metrics import Metrics
+from coordinator.quotas import TenantQuotas
 from coordinator.registry import RegistryService, WorkerRegistry
 from disagg import tracing
 from disagg.config import CoordinatorConfig, DispatchConfig
@@ -55,8 +56,15 @@ async def run(config: CoordinatorConfig, dispatch: DispatchConfig | None = None)
     registry.on_change(admission.notify)
     scheduler = ClusterScheduler(registry, admission, dispatch or DispatchConfig())
     metrics = Metrics(served_name)
+    quotas = TenantQuotas(config.tenant_max_concurrent, config.tenant_max_rps)
     frontend = Frontend(
-        Generator(scheduler, model, metrics), model, served_name, registry, admission, metrics
+        Generator(scheduler, model, metrics),
+        model,
+        served_name,
+        registry,
+        admission,
+        metrics,
+        quotas,
     )
 
     pb_grpc.add_RegistryServicer_to_server(RegistryService(registry, model.name), control)

@@ -31,6 +31,7 @@ from coordinator.http_io import (
 )
 from coordinator.openai_protocol import ParsedRequest, parse_chat, parse_completion
 from coordinator.openai_shapes import ChatShape, CompletionShape, Shape, usage
+from coordinator.quotas import Lease
 from coordinator.request_timing import timings
 
 
@@ -93,11 +94,19 @@ class OpenAIApi:
                 for generation in parsed.requests:  # with API keys, the key names the tenant
                     generation.tenant = tenant
             response_id = f"{shape.id_prefix}-{uuid.uuid4().hex}"
+            lease = self.frontend.quotas.admit(parsed.requests[0].tenant)
             if parsed.stream:
-                streams = self.frontend.runner.stream(parsed.requests)
-                chunks = self._sse(streams, parsed, shape, response_id)
+                try:
+                    streams = self.frontend.runner.stream(parsed.requests)
+                except BaseException:
+                    lease.release()
+                    raise
+                chunks = self._sse(streams, parsed, shape, response_id, lease)
                 return ClosingStreamingResponse(chunks, media_type="text/event-stream")
-            return await self._complete(request, parsed, shape, response_id)
+            try:
+                return await self._complete(request, parsed, shape, response_id)
+            finally:
+                lease.release()
         except ClientGoneError:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         except Exception as error:
@@ -119,7 +128,12 @@ class OpenAIApi:
         return JSONResponse(body)
 
     async def _sse(
-        self, streams: ChunkStreams, parsed: ParsedRequest, shape: Shape, response_id: str
+        self,
+        streams: ChunkStreams,
+        parsed: ParsedRequest,
+        shape: Shape,
+        response_id: str,
+        lease: Lease,
     ) -> AsyncIterator[str]:
         created = int(time.time())
         model = self.frontend.served_name
@@ -143,3 +157,4 @@ class OpenAIApi:
             yield "data: [DONE]\n\n"
         finally:
             streams.close()  # a client gone mid-stream frees the KV here
+            lease.release()

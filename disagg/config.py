@@ -12,6 +12,7 @@ is `--kv-blocks` and `ready_timeout_s` is `--ready-timeout`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -170,8 +171,20 @@ class CoordinatorConfig:
     """A file of API keys, one `KEY TENANT` per line (`#` comments): the tenant comes from the
     key, not from what the client claims."""
 
+    tenant_max_concurrent: int = 0
+    """API requests one tenant may have running at once (more get 429); 0 is no limit."""
+    tenant_max_rps: float = 0.0
+    """Requests per second one tenant may start, in bursts of up to a second's worth (more get
+    429 with Retry-After); 0 is no limit."""
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_key", tuple(self.api_key or ()))
+        require(self.tenant_max_concurrent >= 0, "tenant_max_concurrent", "must be >= 0")
+        require(
+            math.isfinite(self.tenant_max_rps) and self.tenant_max_rps >= 0,
+            "tenant_max_rps",
+            "must be a finite number >= 0",
+        )
         require(all(self.api_key), "api_key", "must not be empty")
         for name in ("http_port", "grpc_port", "control_port"):
             require_port(getattr(self, name), name)

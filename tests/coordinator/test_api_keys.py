@@ -1,7 +1,8 @@
-"""API keys on every front door of an in-process cluster started with `--api-key` and
-`--api-keys FILE`: key-less and wrong-key requests get 401 (gRPC UNAUTHENTICATED) in the
-protocol's shape, health/readiness/metrics stay open, and the key, not the client, names the
-tenant. Plus the flags themselves."""
+"""API keys and tenant quotas on every front door of an in-process cluster started with
+`--api-key`, `--api-keys FILE` and `--tenant-max-concurrent 1`: key-less and wrong-key
+requests get 401 (gRPC UNAUTHENTICATED) in the protocol's shape, health/readiness/metrics stay
+open, the key, not the client, names the tenant, and a tenant over its quota gets 429 while
+another is served. Plus the flags themselves."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from coordinator.auth import ApiKeys, read_key_file
 from disagg.config import CoordinatorConfig
 from launcher.options import add_config_options, config_from_args, config_to_args
+from tests.cluster_harness import wait_until
 from tests.coordinator.front_door import get, grpc_stub, infer_request, post
 from tests.inprocess_cluster import InProcessCluster
 
@@ -34,7 +36,8 @@ class KeyedCluster(InProcessCluster):
 def serve(tiny_model_dir, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
     key_file.write_text("# key tenant\nk-alpha alpha\nk-beta beta\n")
-    with KeyedCluster(tiny_model_dir, api_key=("k-plain",), api_keys=str(key_file)) as cluster:
+    options = dict(api_key=("k-plain",), api_keys=str(key_file), tenant_max_concurrent=1)
+    with KeyedCluster(tiny_model_dir, **options) as cluster:
         yield cluster
 
 
@@ -147,3 +150,27 @@ def test_key_file_format(tmp_path):
     path.write_text("k1 a b\n")
     with pytest.raises(ValueError, match="KEY"):
         read_key_file(path)
+
+
+def test_a_tenant_over_its_concurrency_gets_429_while_another_is_served(serve):
+    body = {"prompt": "Once", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    request = urllib.request.Request(
+        f"{serve.url}/v1/completions", json.dumps(body).encode(), ALPHA
+    )
+    with urllib.request.urlopen(request, timeout=60) as stream:
+        assert stream.readline().startswith(b"data: ")  # alpha's one slot is taken
+        status, reply, headers = post(f"{serve.url}/v1/completions", {"prompt": "Hi"}, ALPHA)
+        assert status == 429 and reply["error"]["type"] == "rate_limit_exceeded", reply
+        assert int(headers["retry-after"]) >= 1
+        url = f"{serve.url}/v2/models/{serve.model}/generate"
+        status, reply, _ = post(url, {"text_input": "Hi"}, ALPHA)
+        assert status == 429 and isinstance(reply["error"], str)
+        channel, stub = grpc_stub(serve.grpc_port)
+        with channel, pytest.raises(grpc.RpcError) as failure:
+            stub.ModelInfer(
+                infer_request(serve.model), metadata=(("authorization", ALPHA["Authorization"]),)
+            )
+        assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert completion(serve, {"Authorization": "Bearer k-beta"})[0] == 200  # beta is served
+    wait_until(lambda: completion(serve, ALPHA)[0] == 200, 30, "alpha's slot to come back")
+    serve.wait_all_blocks_free()
