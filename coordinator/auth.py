@@ -3,9 +3,9 @@ metadata `authorization: Bearer KEY` on KServe gRPC. With keys configured, the k
 request's tenant (what the client claims in headers or bodies is ignored); without any, every
 request is let in and tenants are what clients say.
 
-Health, readiness, metrics and the OpenAPI document stay open: orchestrators and scrapers
-probe them without credentials. Keys are kept as SHA-256 digests, so the lookup costs the same
-whatever the presented key shares with a real one.
+Health, readiness, metrics, the cluster view and the OpenAPI document stay open: orchestrators,
+scrapers and `disagg serve` probe them without credentials. Keys are kept as SHA-256 digests,
+so the lookup costs the same whatever the presented key shares with a real one.
 """
 
 from __future__ import annotations
@@ -20,7 +20,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from disagg.config import CoordinatorConfig
 
 DEFAULT_KEY_TENANT = "default"
-OPEN_PATHS = ("/health", "/metrics", "/openapi.json", "/v2/health/live", "/v2/health/ready")
+OPEN_PATHS = (
+    "/health",
+    "/metrics",
+    "/cluster",
+    "/openapi.json",
+    "/v2/health/live",
+    "/v2/health/ready",
+)
+"""Probes and operator views; `/cluster` is what `disagg serve` polls for its workers."""
 TENANT_SCOPE_KEY = "disagg.tenant"
 """Where the middleware leaves the authenticated tenant in the ASGI scope."""
 

@@ -23,6 +23,7 @@ from disagg.config import CoordinatorConfig, DispatchConfig
 from disagg.model.loader import load_model_info
 from disagg.ports import add_grpc_port, bind_tcp, grpc_server
 from disagg.rpc import control_pb2_grpc as pb_grpc
+from disagg.rpc.cluster_secret import ClusterSecretInterceptor
 from disagg.rpc.health import INFERENCE_SERVICE, REGISTRY_SERVICE, ServerHealth
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ async def run(config: CoordinatorConfig, dispatch: DispatchConfig | None = None)
     tracing.setup("disagg-coordinator")
     # NOTE: every port is taken before the model loads, so a second cluster fails at once.
     http_socket = bind_tcp(config.host, config.http_port, "--http-port")
-    control = grpc_server()
+    secret = config.cluster_secret
+    control = grpc_server([ClusterSecretInterceptor(secret)] if secret else None)
     add_grpc_port(control, config.host, config.control_port, "--control-port")
     inference = grpc_server()
     add_grpc_port(inference, config.host, config.grpc_port, "--grpc-port")

@@ -101,6 +101,9 @@ class WorkerConfig:
     """Unique name; defaults to role-hostname-pid."""
     threads: int = 0
     """torch intra-op threads; 0 leaves torch's default."""
+    cluster_secret: str = ""
+    """The coordinator's cluster secret, sent with every registry call; best given as the
+    DISAGG_CLUSTER_SECRET environment variable (`disagg serve` makes one for its children)."""
 
     def __post_init__(self) -> None:
         require(":" in self.coordinator, "coordinator", f"must be HOST:PORT: {self.coordinator!r}")
@@ -171,6 +174,9 @@ class CoordinatorConfig:
     """A file of API keys, one `KEY TENANT` per line (`#` comments): the tenant comes from the
     key, not from what the client claims."""
 
+    cluster_secret: str = ""
+    """Workers must present it to register or heartbeat (empty: anyone who reaches the control
+    port may join); best given as the DISAGG_CLUSTER_SECRET environment variable."""
     tenant_max_concurrent: int = 0
     """API requests one tenant may have running at once (more get 429); 0 is no limit."""
     tenant_max_rps: float = 0.0
