@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from coordinator import kserve_rest, openai_api
+from coordinator.auth import ApiKeyMiddleware, ApiKeys
 from coordinator.frontend import Frontend
+from coordinator.openapi import openapi_document
 
 
-def build_app(frontend: Frontend) -> Starlette:
+def build_app(frontend: Frontend, api_keys: ApiKeys | None = None) -> Starlette:
+    """Every HTTP route; with API keys, all but health, readiness and metrics need one."""
+
     async def metrics(request: Request) -> Response:
         body = frontend.metrics.render(
             frontend.registry, frontend.generator.num_running, frontend.admission.num_waiting
@@ -42,11 +47,18 @@ def build_app(frontend: Frontend) -> Starlette:
             {"status": "ok" if ready else "unavailable"}, status_code=200 if ready else 503
         )
 
+    document = openapi_document()
+
+    async def openapi(request: Request) -> JSONResponse:
+        return JSONResponse(document)
+
     routes = [
         *openai_api.routes(frontend),
         *kserve_rest.routes(frontend),
         Route("/metrics", metrics),
         Route("/health", health),
         Route("/cluster", cluster),
+        Route("/openapi.json", openapi),
     ]
-    return Starlette(routes=routes)
+    keys = api_keys or ApiKeys()
+    return Starlette(routes=routes, middleware=[Middleware(ApiKeyMiddleware, keys=keys)])

@@ -33,6 +33,14 @@ class OverloadedError(DisaggError):
         self.retry_after_s = retry_after_s
 
 
+class QuotaExceededError(DisaggError):
+    """The tenant is over its quota (concurrency or rate): retry later (429), unlike overload."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class WorkerError(DisaggError):
     """A worker failed or vanished while serving the request (503)."""
 
@@ -63,6 +71,8 @@ def classify(error: Exception) -> HttpError:
         return HttpError(404, str(error), "not_found_error", error.param)
     if isinstance(error, TooLargeError):
         return HttpError(413, str(error), "invalid_request_error")
+    if isinstance(error, QuotaExceededError):
+        return HttpError(429, str(error), "rate_limit_exceeded", retry_after_s=error.retry_after_s)
     if isinstance(error, OverloadedError):
         return HttpError(503, str(error), "overloaded_error", retry_after_s=error.retry_after_s)
     if isinstance(error, WorkerError):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from coordinator.admission import Admission
 from coordinator.errors import NotFoundError
 from coordinator.generation import Generator
 from coordinator.generation_runner import GenerationRunner
 from coordinator.metrics import Metrics
+from coordinator.quotas import TenantQuotas
 from coordinator.registry import WorkerRegistry
 from disagg.model.loader import ModelInfo
 
@@ -27,6 +28,8 @@ class Frontend:
     registry: WorkerRegistry
     admission: Admission
     metrics: Metrics
+    quotas: TenantQuotas = field(default_factory=TenantQuotas)
+    """Per-tenant concurrency and rate limits (429), checked once a request is parsed."""
 
     @property
     def runner(self) -> GenerationRunner:

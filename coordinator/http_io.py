@@ -10,6 +10,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from coordinator.errors import MAX_BODY_BYTES, TooLargeError
+from coordinator.request_values import check_texts
 from disagg.errors import InvalidRequestError
 
 CLIENT_CLOSED_REQUEST = 499
@@ -31,12 +32,21 @@ async def read_body(request: Request) -> bytes:
 
 
 def parse_json_object(raw: bytes) -> dict:
+    """The body as a dict whose every string is valid Unicode: JSON may spell a lone UTF-16
+    surrogate ("\\ud83d"), which no tokenizer and no JSON response can carry, so it is a 400
+    naming the top-level field it sits in."""
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
         raise InvalidRequestError(f"body is not valid JSON: {error}") from None
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")
+    try:
+        for name, value in body.items():
+            check_texts("body", name)
+            check_texts(name, value)
+    except RecursionError:
+        raise InvalidRequestError("the request body is nested too deeply") from None
     return body
 
 

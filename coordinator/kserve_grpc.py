@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from coordinator.auth import ApiKeys, UnauthorizedError
 from coordinator.errors import NotFoundError, classify
 from coordinator.frontend import MODEL_VERSION, SERVER_NAME, SERVER_VERSION, Frontend
 from coordinator.generation import GenerationRequest, resolve_tenant
@@ -60,6 +61,7 @@ STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     404: grpc.StatusCode.NOT_FOUND,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
 }
 
@@ -124,14 +126,15 @@ class InferJob:
     output_names: list[str]
 
 
-def parse_job(request: Any, frontend: Frontend) -> InferJob:
+def parse_job(request: Any, frontend: Frontend, key_tenant: str | None = None) -> InferJob:
+    """`key_tenant`, the API key's tenant when keys are on, wins over the `tenant_id` parameter."""
     frontend.check_model(request.model_name, request.model_version)
     text = parse_text_request(
         input_tensors(request), param_values(request.parameters), frontend.model.tokenizer
     )
     names = [output.name for output in request.outputs] or list(OUTPUT_DATATYPES)
     check_output_names(names)
-    tenant = resolve_tenant(text.tenant)
+    tenant = key_tenant or resolve_tenant(text.tenant)
     requests = [GenerationRequest(ids, text.params, tenant) for ids in text.prompts]
     return InferJob(request.id, request.model_name, requests, names)
 
@@ -165,11 +168,25 @@ class _Final:
 
 
 class KServeServicer:
-    """The GRPCInferenceService methods, over the coordinator's shared Frontend."""
+    """The GRPCInferenceService methods, over the coordinator's shared Frontend. With API keys,
+    all but ServerLive, ServerReady and ModelReady need metadata `authorization: Bearer KEY`."""
 
-    def __init__(self, frontend: Frontend, messages: ModuleType) -> None:
+    def __init__(
+        self, frontend: Frontend, messages: ModuleType, api_keys: ApiKeys | None = None
+    ) -> None:
         self.frontend = frontend
         self.pb = messages
+        self.api_keys = api_keys or ApiKeys()
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> str | None:
+        """The key's tenant (None when keys are off); aborts UNAUTHENTICATED otherwise."""
+        if not self.api_keys.is_enabled:
+            return None
+        metadata = dict(context.invocation_metadata() or ())
+        try:
+            return self.api_keys.tenant(metadata.get("authorization"))
+        except UnauthorizedError as error:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -193,6 +210,7 @@ class KServeServicer:
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
+        await self._authenticate(context)
         return self.pb.ServerMetadataResponse(
             name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS
         )
@@ -200,6 +218,7 @@ class KServeServicer:
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
+        await self._authenticate(context)
         try:
             self.frontend.check_model(request.name, request.version)
         except NotFoundError as exc:
@@ -209,8 +228,9 @@ class KServeServicer:
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
+        tenant = await self._authenticate(context)
         try:
-            return await self._infer(request)
+            return await self._infer(request, tenant)
         except Exception as exc:  # every failure becomes a status code
             code, message = grpc_status(exc)
         await context.abort(code, message)
@@ -218,8 +238,9 @@ class KServeServicer:
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        tenant = await self._authenticate(context)
         outbox: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        reader = asyncio.create_task(self._serve_stream(requests, outbox))
+        reader = asyncio.create_task(self._serve_stream(requests, outbox, tenant))
         try:
             while (response := await outbox.get()) is not None:
                 yield response
@@ -229,22 +250,30 @@ class KServeServicer:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        job = parse_job(request, self.frontend)
-        # NOTE: a client that leaves cancels this handler, which cancels every generation
-        completions = await self.frontend.runner.complete_all(job.requests)
+    async def _infer(
+        self, request: pb.ModelInferRequest, tenant: str | None
+    ) -> pb.ModelInferResponse:
+        job = parse_job(request, self.frontend, tenant)
+        lease = self.frontend.quotas.admit(job.requests[0].tenant)
+        try:  # NOTE: a client that leaves cancels this handler, which cancels every generation
+            completions = await self.frontend.runner.complete_all(job.requests)
+        finally:
+            lease.release()
         response = infer_response(self.pb, job, completions, job.output_names)
         set_params(response.parameters, merged_timings([c.trace for c in completions]))
         return response
 
     async def _serve_stream(
-        self, requests: AsyncIterator[pb.ModelInferRequest], outbox: asyncio.Queue
+        self,
+        requests: AsyncIterator[pb.ModelInferRequest],
+        outbox: asyncio.Queue,
+        tenant: str | None,
     ) -> None:
         """Start each request as it arrives; end the response stream once all have finished."""
         tasks: set[asyncio.Task] = set()
         try:
             async for request in requests:
-                task = asyncio.create_task(self._stream_one(request, outbox))
+                task = asyncio.create_task(self._stream_one(request, outbox, tenant))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             await asyncio.gather(*tasks)
@@ -254,9 +283,11 @@ class KServeServicer:
             await asyncio.gather(*tasks, return_exceptions=True)
             outbox.put_nowait(None)
 
-    async def _stream_one(self, request: pb.ModelInferRequest, outbox: asyncio.Queue) -> None:
+    async def _stream_one(
+        self, request: pb.ModelInferRequest, outbox: asyncio.Queue, tenant: str | None
+    ) -> None:
         try:
-            job = parse_job(request, self.frontend)
+            job = parse_job(request, self.frontend, tenant)
             if len(job.requests) != 1:
                 raise InvalidRequestError("ModelStreamInfer takes one prompt per request", "inputs")
             await self._stream_chunks(job, outbox)
@@ -267,6 +298,13 @@ class KServeServicer:
             outbox.put_nowait(error)
 
     async def _stream_chunks(self, job: InferJob, outbox: asyncio.Queue) -> None:
+        lease = self.frontend.quotas.admit(job.requests[0].tenant)
+        try:
+            await self._pump_chunks(job, outbox)
+        finally:
+            lease.release()
+
+    async def _pump_chunks(self, job: InferJob, outbox: asyncio.Queue) -> None:
         streams = self.frontend.runner.stream(job.requests)
         trace = streams.traces[0]
         last: GenerationResult | None = None
@@ -292,8 +330,10 @@ class KServeServicer:
         return self.pb.ModelStreamInferResponse(infer_response=response)
 
 
-def add_to_server(server: grpc.aio.Server, frontend: Frontend) -> None:
+def add_to_server(
+    server: grpc.aio.Server, frontend: Frontend, api_keys: ApiKeys | None = None
+) -> None:
     from disagg.rpc import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 
-    servicer = KServeServicer(frontend, grpc_predict_v2_pb2)
+    servicer = KServeServicer(frontend, grpc_predict_v2_pb2, api_keys)
     grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)

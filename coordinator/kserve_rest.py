@@ -14,7 +14,8 @@ Choices:
 - Per-response timings (ttft_s, queue_s, prefill_s, kv_transfer_s, kv_bytes, prefill_worker,
   decode_worker, e2e_s) go in the response's `parameters` (infer, generate, and the last
   generate_stream event), where standard clients ignore them.
-- The tenant label is the `tenant_id` parameter, else the X-Tenant-Id header, else "default".
+- The tenant label is the API key's tenant when keys are configured; else the `tenant_id`
+  parameter, else the X-Tenant-Id header, else "default".
 - Outputs are binary when the request asks (`outputs[i].parameters.binary_data`, else
   `parameters.binary_data_output`), with the `Inference-Header-Content-Length` header; else JSON.
 - Errors are {"error": "..."} with the status `errors.classify` gives (503 + Retry-After when
@@ -25,13 +26,15 @@ Choices:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from coordinator.auth import scope_tenant
 from coordinator.errors import ClientGoneError, classify
 from coordinator.frontend import MODEL_VERSION, SERVER_NAME, SERVER_VERSION, Frontend
 from coordinator.generation import Completion, GenerationRequest, TextChunk, resolve_tenant
@@ -54,6 +57,7 @@ from coordinator.kserve_rest_body import (
     tensor_from_value,
 )
 from coordinator.kserve_text import TextRequest, model_metadata, output_tensors, parse_text_request
+from coordinator.quotas import Lease
 from coordinator.request_timing import RequestTrace, merged_timings
 from disagg.errors import InvalidRequestError
 
@@ -152,32 +156,41 @@ class KServeRest:
         inputs = request_inputs(header, binary)
         outputs = requested_outputs(header)
         text = parse_text_request(inputs, json_object(header, "parameters"), self._tokenizer)
-        completions = await self.frontend.runner.complete_all(
-            self._generation_requests(request, text), partial(until_disconnected, request)
-        )
+        generations = self._generation_requests(request, text)
+        with self._lease(generations):
+            completions = await self.frontend.runner.complete_all(
+                generations, partial(until_disconnected, request)
+            )
         body = self._response_header(header, [c.trace for c in completions])
         return infer_response(body, output_tensors(completions, list(outputs)), outputs)
 
     async def generate(self, request: Request) -> Response:
         body, generation = await self._generation(request)
-        completions = await self.frontend.runner.complete_all(
-            [generation], partial(until_disconnected, request)
-        )
+        with self._lease([generation]):
+            completions = await self.frontend.runner.complete_all(
+                [generation], partial(until_disconnected, request)
+            )
         return JSONResponse(self._generate_event(body, completions[0], completions[0].trace))
 
     async def generate_stream(self, request: Request) -> Response:
         body, generation = await self._generation(request)
-        streams = self.frontend.runner.stream([generation])
+        lease = self.frontend.quotas.admit(generation.tenant)
+        try:
+            streams = self.frontend.runner.stream([generation])
+        except BaseException:
+            lease.release()
+            raise
         try:  # NOTE: the first chunk comes before any byte, so early errors keep their status
             first = await streams.next_chunk()
         except BaseException:
             streams.close()
+            lease.release()
             raise
-        events = self._events(body, first, streams)
+        events = self._events(body, first, streams, lease)
         return ClosingStreamingResponse(events, media_type="text/event-stream")
 
     async def _events(
-        self, body: dict, first: TextChunk | None, streams: ChunkStreams
+        self, body: dict, first: TextChunk | None, streams: ChunkStreams, lease: Lease
     ) -> AsyncIterator[str]:
         trace = streams.traces[0]
         try:
@@ -189,6 +202,7 @@ class KServeRest:
             yield sse({"error": classify(error).message})
         finally:
             streams.close()  # a client gone mid-stream frees the KV here
+            lease.release()
 
     def _generate_event(
         self, body: dict, result: Completion | TextChunk, trace: RequestTrace
@@ -215,8 +229,19 @@ class KServeRest:
             raise InvalidRequestError("generate takes one prompt; use infer for a batch", "inputs")
         return body, self._generation_requests(request, text)[0]
 
+    @contextmanager
+    def _lease(self, generations: list[GenerationRequest]) -> Iterator[None]:
+        """The tenant's quota held while the request runs (429 when over it)."""
+        lease = self.frontend.quotas.admit(generations[0].tenant)
+        try:
+            yield
+        finally:
+            lease.release()
+
     def _generation_requests(self, request: Request, text: TextRequest) -> list[GenerationRequest]:
-        tenant = resolve_tenant(text.tenant, request.headers.get("x-tenant-id"))
+        tenant = scope_tenant(request.scope) or resolve_tenant(
+            text.tenant, request.headers.get("x-tenant-id")
+        )
         return [GenerationRequest(ids, text.params, tenant) for ids in text.prompts]
 
     def _response_header(self, body: dict, traces: list[RequestTrace]) -> dict:

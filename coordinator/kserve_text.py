@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from coordinator.frontend import MODEL_VERSION
 from coordinator.kserve_tensor import Tensor
+from coordinator.request_values import check_text, check_texts, seed_value, top_k_value
 from disagg.engine.sampling_params import SamplingParams
 from disagg.errors import InvalidRequestError
 from disagg.model.tokenizer import apply_chat_template, encode_prompt
@@ -119,7 +120,7 @@ def _text(name: str, item: object) -> str:
         except UnicodeDecodeError as error:
             raise InvalidRequestError(f"input {name!r} is not valid UTF-8: {error}", name) from None
     if isinstance(item, str):
-        return item
+        return check_text(name, item)
     raise InvalidRequestError(f"input {name!r} must hold strings, got {type(item).__name__}", name)
 
 
@@ -135,6 +136,7 @@ def _messages(items: list) -> list[dict]:
                     f"messages elements must be JSON objects: {error}", "messages"
                 ) from None
         messages += item if isinstance(item, list) else [item]
+    check_texts("messages", messages)
     return messages
 
 
@@ -161,13 +163,20 @@ def _tenant(value: object) -> str | None:
 
 # ---------------------------------------------------------------------------------------------
 # Parameters → SamplingParams. Values are checked here for type and for the range the control
-# plane can carry (uint32 counts, uint64 seed); SamplingParams checks the meaning.
+# plane can carry (uint32 counts, uint64 seed; `seed` -1 is random and `top_k` -1 off, as in
+# the OpenAI API); SamplingParams checks the meaning.
+
+
+def _integral(value: object) -> object:
+    """Integers as JSON, gRPC and Triton clients spell them: 3, 3.0, "3"; others unchanged."""
+    is_integral_float = isinstance(value, float) and value.is_integer()
+    if is_integral_float or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
+        return int(value)
+    return value
 
 
 def _as_int(name: str, value: object, high: int = 2**32 - 1) -> int:
-    is_integral_float = isinstance(value, float) and value.is_integer()
-    if is_integral_float or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
-        value = int(value)
+    value = _integral(value)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
         raise InvalidRequestError(
             f"parameter {name} must be an integer in [0, {high}], got {value!r}", name
@@ -206,8 +215,8 @@ PARAMETERS: dict[str, Callable[[str, object], object]] = {
     "max_tokens": _as_int,
     "temperature": _as_float,
     "top_p": _as_float,
-    "top_k": _as_int,
-    "seed": lambda name, value: _as_int(name, value, high=2**64 - 1),
+    "top_k": lambda name, value: top_k_value(name, _integral(value)),
+    "seed": lambda name, value: seed_value(name, _integral(value)),
     "stop": _as_stop,
     "min_tokens": _as_int,
     "ignore_eos": _as_bool,

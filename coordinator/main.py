@@ -11,16 +11,19 @@ import uvicorn
 from coordinator import kserve_grpc
 from coordinator.admission import Admission
 from coordinator.app import build_app
+from coordinator.auth import ApiKeys
 from coordinator.cluster_scheduler import ClusterScheduler
 from coordinator.frontend import Frontend
 from coordinator.generation import Generator
 from coordinator.metrics import Metrics
+from coordinator.quotas import TenantQuotas
 from coordinator.registry import RegistryService, WorkerRegistry
 from disagg import tracing
 from disagg.config import CoordinatorConfig, DispatchConfig
 from disagg.model.loader import load_model_info
 from disagg.ports import add_grpc_port, bind_tcp, grpc_server
 from disagg.rpc import control_pb2_grpc as pb_grpc
+from disagg.rpc.cluster_secret import ClusterSecretInterceptor
 from disagg.rpc.health import INFERENCE_SERVICE, REGISTRY_SERVICE, ServerHealth
 
 log = logging.getLogger(__name__)
@@ -42,10 +45,12 @@ async def run(config: CoordinatorConfig, dispatch: DispatchConfig | None = None)
     tracing.setup("disagg-coordinator")
     # NOTE: every port is taken before the model loads, so a second cluster fails at once.
     http_socket = bind_tcp(config.host, config.http_port, "--http-port")
-    control = grpc_server()
+    secret = config.cluster_secret
+    control = grpc_server([ClusterSecretInterceptor(secret)] if secret else None)
     add_grpc_port(control, config.host, config.control_port, "--control-port")
     inference = grpc_server()
     add_grpc_port(inference, config.host, config.grpc_port, "--grpc-port")
+    api_keys = ApiKeys.from_config(config)  # a bad key file fails before the model loads
     model = load_model_info(config.model)
     served_name = config.served_model_name or model.name
     registry = WorkerRegistry(config.heartbeat_interval_s, config.heartbeat_timeout_s)
@@ -53,8 +58,15 @@ async def run(config: CoordinatorConfig, dispatch: DispatchConfig | None = None)
     registry.on_change(admission.notify)
     scheduler = ClusterScheduler(registry, admission, dispatch or DispatchConfig())
     metrics = Metrics(served_name)
+    quotas = TenantQuotas(config.tenant_max_concurrent, config.tenant_max_rps)
     frontend = Frontend(
-        Generator(scheduler, model, metrics), model, served_name, registry, admission, metrics
+        Generator(scheduler, model, metrics),
+        model,
+        served_name,
+        registry,
+        admission,
+        metrics,
+        quotas,
     )
 
     pb_grpc.add_RegistryServicer_to_server(RegistryService(registry, model.name), control)
@@ -62,13 +74,13 @@ async def run(config: CoordinatorConfig, dispatch: DispatchConfig | None = None)
     await control_health.start()
     await control.start()
     control_health.follow(lambda: True)  # registrations are welcome from the start
-    kserve_grpc.add_to_server(inference, frontend)
+    kserve_grpc.add_to_server(inference, frontend, api_keys)
     inference_health = ServerHealth(inference, [INFERENCE_SERVICE])
     await inference_health.start()
     await inference.start()
     inference_health.follow(lambda: frontend.is_ready)
 
-    app = tracing.traced_asgi(build_app(frontend))
+    app = tracing.traced_asgi(build_app(frontend, api_keys))
     http = uvicorn.Server(
         uvicorn.Config(
             app, host=config.host, port=config.http_port, log_level="warning", lifespan="off"

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from coordinator.auth import scope_tenant
 from coordinator.errors import ClientGoneError, classify
 from coordinator.frontend import Frontend
 from coordinator.generation_runner import ChunkStreams
@@ -30,6 +31,7 @@ from coordinator.http_io import (
 )
 from coordinator.openai_protocol import ParsedRequest, parse_chat, parse_completion
 from coordinator.openai_shapes import ChatShape, CompletionShape, Shape, usage
+from coordinator.quotas import Lease
 from coordinator.request_timing import timings
 
 
@@ -88,12 +90,23 @@ class OpenAIApi:
             parsed: ParsedRequest = parse(
                 body, self.frontend.model, request.headers.get("x-tenant-id")
             )
+            if (tenant := scope_tenant(request.scope)) is not None:
+                for generation in parsed.requests:  # with API keys, the key names the tenant
+                    generation.tenant = tenant
             response_id = f"{shape.id_prefix}-{uuid.uuid4().hex}"
+            lease = self.frontend.quotas.admit(parsed.requests[0].tenant)
             if parsed.stream:
-                streams = self.frontend.runner.stream(parsed.requests)
-                chunks = self._sse(streams, parsed, shape, response_id)
+                try:
+                    streams = self.frontend.runner.stream(parsed.requests)
+                except BaseException:
+                    lease.release()
+                    raise
+                chunks = self._sse(streams, parsed, shape, response_id, lease)
                 return ClosingStreamingResponse(chunks, media_type="text/event-stream")
-            return await self._complete(request, parsed, shape, response_id)
+            try:
+                return await self._complete(request, parsed, shape, response_id)
+            finally:
+                lease.release()
         except ClientGoneError:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         except Exception as error:
@@ -115,7 +128,12 @@ class OpenAIApi:
         return JSONResponse(body)
 
     async def _sse(
-        self, streams: ChunkStreams, parsed: ParsedRequest, shape: Shape, response_id: str
+        self,
+        streams: ChunkStreams,
+        parsed: ParsedRequest,
+        shape: Shape,
+        response_id: str,
+        lease: Lease,
     ) -> AsyncIterator[str]:
         created = int(time.time())
         model = self.frontend.served_name
@@ -139,3 +157,4 @@ class OpenAIApi:
             yield "data: [DONE]\n\n"
         finally:
             streams.close()  # a client gone mid-stream frees the KV here
+            lease.release()

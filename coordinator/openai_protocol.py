@@ -5,6 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from coordinator.generation import DEFAULT_TENANT, GenerationRequest
+from coordinator.openai_fields import (
+    check_json_types,
+    check_unsupported_sampling,
+    integer,
+    max_new_tokens,
+    number,
+    stop_strings,
+)
+from coordinator.request_values import UINT32_LIMIT, UINT64_LIMIT, seed_value, top_k_value
 from disagg.engine.sampling_params import SamplingParams
 from disagg.errors import InvalidRequestError
 from disagg.model.loader import ModelInfo
@@ -61,20 +70,18 @@ def reject_unsupported(body: dict) -> None:
 
 
 def sampling_params(body: dict, max_tokens: int, logprobs: int | None) -> SamplingParams:
-    top_k = field(body, "top_k", int, 0)
-    stop = field(body, "stop", (str, list), ())
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    if not all(isinstance(s, str) for s in stops):
-        raise InvalidRequestError("stop must be a string or a list of strings", "stop")
+    """OpenAI's documented ranges (see `openai_fields`); vLLM's -1 for top_k and seed."""
+    top_k = body.get("top_k")
+    seed = body.get("seed")
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=float(field(body, "temperature", (int, float), 1.0)),
-        top_p=float(field(body, "top_p", (int, float), 1.0)),
-        top_k=0 if top_k == -1 else top_k,  # -1 is how vLLM clients say "off"
-        seed=field(body, "seed", int),
-        stop=stops,
+        temperature=number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=number(body, "top_p", 1.0, 0.0, 1.0, is_low_open=True),
+        top_k=0 if top_k is None else top_k_value("top_k", top_k),
+        seed=None if seed is None else seed_value("seed", seed),
+        stop=stop_strings(body),
         ignore_eos=field(body, "ignore_eos", bool, False),
-        min_tokens=field(body, "min_tokens", int, 0),
+        min_tokens=integer(body, "min_tokens", 0, 0, UINT32_LIMIT - 1),
         logprobs=logprobs,
     )
 
@@ -96,7 +103,8 @@ def expand(
         for choice in range(n):
             seeded = params
             if params.seed is not None and choice:
-                seeded = SamplingParams(**{**params.__dict__, "seed": params.seed + choice})
+                seed = (params.seed + choice) % UINT64_LIMIT
+                seeded = SamplingParams(**{**params.__dict__, "seed": seed})
             requests.append(GenerationRequest(prompt_ids, seeded, tenant_name))
     return requests
 
@@ -130,14 +138,16 @@ def completion_prompts(body: dict, model: ModelInfo) -> list[list[int]]:
 
 def max_tokens(body: dict, prompt_len: int, model: ModelInfo, default: int | None) -> int:
     """`max_completion_tokens` or `max_tokens`; unset means what the context leaves (chat)."""
-    value = field(body, "max_completion_tokens", int) or field(body, "max_tokens", int)
+    value = max_new_tokens(body)
     if value is None:
         value = default if default is not None else max(1, model.max_model_len - prompt_len)
     return value
 
 
 def parse_completion(body: dict, model: ModelInfo, tenant_header: str | None) -> ParsedRequest:
+    check_json_types(body)
     reject_unsupported(body)
+    check_unsupported_sampling(body, len(model.tokenizer))
     logprobs = field(body, "logprobs", int)
     if logprobs is not None and not 0 <= logprobs <= 5:
         raise InvalidRequestError("logprobs must be in [0, 5] for completions", "logprobs")
@@ -154,7 +164,9 @@ def parse_completion(body: dict, model: ModelInfo, tenant_header: str | None) ->
 
 
 def parse_chat(body: dict, model: ModelInfo, tenant_header: str | None) -> ParsedRequest:
+    check_json_types(body)
     reject_unsupported(body)
+    check_unsupported_sampling(body, len(model.tokenizer))
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise InvalidRequestError("messages must be a list of messages", "messages")

@@ -12,6 +12,7 @@ is `--kv-blocks` and `ready_timeout_s` is `--ready-timeout`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -100,6 +101,9 @@ class WorkerConfig:
     """Unique name; defaults to role-hostname-pid."""
     threads: int = 0
     """torch intra-op threads; 0 leaves torch's default."""
+    cluster_secret: str = ""
+    """The coordinator's cluster secret, sent with every registry call; best given as the
+    DISAGG_CLUSTER_SECRET environment variable (`disagg serve` makes one for its children)."""
 
     def __post_init__(self) -> None:
         require(":" in self.coordinator, "coordinator", f"must be HOST:PORT: {self.coordinator!r}")
@@ -163,8 +167,31 @@ class CoordinatorConfig:
     """Requests that may wait for KV room before new ones are refused."""
     queue_timeout_s: float = 30.0
     """Longest wait for KV room, in seconds."""
+    api_key: tuple[str, ...] = ()
+    """An API key clients must send (`Authorization: Bearer KEY`); repeatable. Its tenant is
+    `default`. With any key set, every endpoint but health, readiness and metrics needs one."""
+    api_keys: str = ""
+    """A file of API keys, one `KEY TENANT` per line (`#` comments): the tenant comes from the
+    key, not from what the client claims."""
+
+    cluster_secret: str = ""
+    """Workers must present it to register or heartbeat (empty: anyone who reaches the control
+    port may join); best given as the DISAGG_CLUSTER_SECRET environment variable."""
+    tenant_max_concurrent: int = 0
+    """API requests one tenant may have running at once (more get 429); 0 is no limit."""
+    tenant_max_rps: float = 0.0
+    """Requests per second one tenant may start, in bursts of up to a second's worth (more get
+    429 with Retry-After); 0 is no limit."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "api_key", tuple(self.api_key or ()))
+        require(self.tenant_max_concurrent >= 0, "tenant_max_concurrent", "must be >= 0")
+        require(
+            math.isfinite(self.tenant_max_rps) and self.tenant_max_rps >= 0,
+            "tenant_max_rps",
+            "must be a finite number >= 0",
+        )
+        require(all(self.api_key), "api_key", "must not be empty")
         for name in ("http_port", "grpc_port", "control_port"):
             require_port(getattr(self, name), name)
         require(self.heartbeat_interval_s > 0, "heartbeat_interval_s", "must be > 0")

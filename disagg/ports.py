@@ -31,9 +31,9 @@ class PortInUseError(DisaggError):
         self.option = option
 
 
-def grpc_server() -> grpc.aio.Server:
+def grpc_server(interceptors: list[grpc.aio.ServerInterceptor] | None = None) -> grpc.aio.Server:
     """A grpc.aio server whose ports are exclusive (no SO_REUSEPORT)."""
-    return grpc.aio.server(options=GRPC_SERVER_OPTIONS)
+    return grpc.aio.server(options=GRPC_SERVER_OPTIONS, interceptors=interceptors)
 
 
 def add_grpc_port(server: grpc.aio.Server, host: str, port: int, option: str) -> int:

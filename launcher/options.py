@@ -50,6 +50,8 @@ def add_option(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> Non
         value = os.environ[name]
         is_switch = kwargs.get("action") == "store_true"
         kwargs["default"] = value.lower() in TRUE_WORDS if is_switch else value
+        if kwargs.get("action") == "append":  # a repeatable flag: comma-separated values
+            kwargs["default"] = [v for v in value.split(",") if v]
         kwargs.pop("required", None)
     help_text = kwargs.get("help", "")
     kwargs["help"] = f"{help_text} [env {name}]".strip()
@@ -88,6 +90,9 @@ def _option_kwargs(cls: type, field: dataclasses.Field, hint: Any) -> dict[str, 
         kwargs["choices"] = list(typing.get_args(hint))
     elif hint is bool:
         kwargs["action"] = "store_true"
+    elif typing.get_origin(hint) is tuple:  # `tuple[str, ...]`: a repeatable flag
+        kwargs["action"] = "append"
+        kwargs["default"] = None
     elif typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
         kwargs["type"] = args[0]  # `int | None`: None stays the default
     elif hint in (int, float):
@@ -137,6 +142,8 @@ def config_to_args(config: Any, exclude: tuple[str, ...] = ()) -> list[str]:
         flag = flag_name(field.name)
         if isinstance(value, bool):
             words += [flag] if value else []
+        elif isinstance(value, tuple):
+            words += [word for item in value for word in (flag, str(item))]
         else:
             words += [flag, str(value)]
     return words

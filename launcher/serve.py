@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -59,7 +60,7 @@ class ClusterPlan:
     def commands(self) -> list[tuple[str, list[str]]]:
         cli = [sys.executable, "-m", "launcher.cli"]
         coordinator = [
-            *cli, "coordinator", *config_to_args(self.coordinator),
+            *cli, "coordinator", *config_to_args(self.coordinator, exclude=SECRET_FIELDS),
             *config_to_args(self.dispatch),
         ]  # fmt: skip
         worker = [
@@ -91,7 +92,7 @@ class Cluster:
     def __init__(self, plan: ClusterPlan, policy: RestartPolicy | None = None) -> None:
         self.plan = plan
         self.coordinator: subprocess.Popen | None = None
-        env = os.environ | {"DISAGG_PARENT_PID": str(os.getpid())}
+        env = os.environ | {"DISAGG_PARENT_PID": str(os.getpid())} | secret_env(plan.coordinator)
         workers = [(name, cmd) for name, cmd in plan.commands() if name != "coordinator"]
         self.supervisor = Supervisor(
             workers,
@@ -165,6 +166,18 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 self.coordinator.kill()
                 self.coordinator.wait()
+
+
+SECRET_FIELDS = ("cluster_secret", "api_key")
+"""Passed to children in their environment, not on command lines that `ps` shows."""
+
+
+def secret_env(coordinator: CoordinatorConfig) -> dict[str, str]:
+    """The children's secrets: the cluster secret (a fresh one unless given) and API keys."""
+    env = {"DISAGG_CLUSTER_SECRET": coordinator.cluster_secret or secrets.token_hex(32)}
+    if coordinator.api_key:
+        env["DISAGG_API_KEY"] = ",".join(coordinator.api_key)
+    return env
 
 
 def registered_worker_ids(url: str) -> list[str]:

@@ -92,7 +92,7 @@ class _RecordingLoop(asyncio.SelectorEventLoop):
             callback(*args)
 
 
-def _add_kserve_grpc(server: object, frontend: object) -> None:
+def _add_kserve_grpc(server: object, frontend: object, api_keys: object = None) -> None:
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
     from coordinator.kserve_grpc import KServeServicer
@@ -101,7 +101,7 @@ def _add_kserve_grpc(server: object, frontend: object) -> None:
     servicer_class = type(
         "Servicer", (KServeServicer, service_pb2_grpc.GRPCInferenceServiceServicer), {}
     )
-    servicer = servicer_class(frontend, service_pb2)
+    servicer = servicer_class(frontend, service_pb2, api_keys)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
 
 
@@ -114,6 +114,7 @@ class InProcessCluster:
         queue_timeout_s: float = 30.0,
         heartbeat_interval_s: float = 1.0,
         max_num_batched_tokens: int = 2048,
+        **coordinator_options: object,
     ) -> None:
         self.model_dir = model_dir
         self.model = TINY_MODEL_NAME
@@ -135,6 +136,7 @@ class InProcessCluster:
             heartbeat_interval_s=heartbeat_interval_s,
             heartbeat_timeout_s=max(3.0, 3 * heartbeat_interval_s),
             queue_timeout_s=queue_timeout_s,
+            **coordinator_options,
         )
         self._loop = _RecordingLoop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="cluster", daemon=True)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from disagg.errors import InvalidRequestError
 
 MAX_TOP_LOGPROBS = 20
+UINT32_LIMIT = 2**32
+UINT64_LIMIT = 2**64
+FLOAT32_MAX = 3.4028234663852886e38
+"""The control plane's wire types (proto/control.proto: uint32 counts, uint64 seed, float
+temperature): a value they cannot carry is refused here, before any block is allocated."""
 
 
 @dataclass(frozen=True)
@@ -33,25 +39,32 @@ class SamplingParams:
     """None: no logprobs; N >= 0: the chosen token's logprob plus the top N alternatives."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        self._check_counts()
+        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= FLOAT32_MAX):
             raise InvalidRequestError(
-                f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens"
+                f"temperature must be a finite number >= 0, got {self.temperature}", "temperature"
             )
-        if self.temperature < 0:
-            raise InvalidRequestError(
-                f"temperature must be >= 0, got {self.temperature}", "temperature"
-            )
-        if not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
-        if self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be >= 0 (0 disables), got {self.top_k}", "top_k")
-        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
-            raise InvalidRequestError(
-                f"min_tokens must be in [0, max_tokens], got {self.min_tokens}", "min_tokens"
-            )
+        if self.seed is not None and not 0 <= self.seed < UINT64_LIMIT:
+            raise InvalidRequestError(f"seed must be in [0, 2^64), got {self.seed}", "seed")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequestError(
                 f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}", "logprobs"
+            )
+
+    def _check_counts(self) -> None:
+        if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens < UINT32_LIMIT:
+            raise InvalidRequestError(
+                f"max_tokens must be in [1, 2^32), got {self.max_tokens}", "max_tokens"
+            )
+        if not 0 <= self.top_k < UINT32_LIMIT:
+            raise InvalidRequestError(
+                f"top_k must be in [0, 2^32) (0 disables), got {self.top_k}", "top_k"
+            )
+        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens must be in [0, max_tokens], got {self.min_tokens}", "min_tokens"
             )
 
     @property

@@ -14,6 +14,7 @@ import grpc
 
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc import control_pb2_grpc as pb_grpc
+from disagg.rpc.cluster_secret import secret_metadata
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,10 @@ class WorkerRegistration:
         coordinator: str,
         info: pb.WorkerInfo,
         status: Callable[[], pb.HeartbeatRequest],
+        cluster_secret: str = "",
     ) -> None:
         self.coordinator = coordinator
+        self._metadata = secret_metadata(cluster_secret)
         self.info = info
         self.status = status
         self._channel = grpc.aio.insecure_channel(coordinator)
@@ -51,7 +54,9 @@ class WorkerRegistration:
         """Report `draining` at once rather than at the next beat; False if the call failed."""
         self.is_draining = True
         try:
-            await self._stub.Heartbeat(self._status(), timeout=RPC_TIMEOUT_S)
+            await self._stub.Heartbeat(
+                self._status(), timeout=RPC_TIMEOUT_S, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as error:
             log.warning("draining heartbeat to %s failed: %s", self.coordinator, error.code())
             return False
@@ -67,7 +72,9 @@ class WorkerRegistration:
         while True:
             await asyncio.sleep(interval_s)
             try:
-                reply = await self._stub.Heartbeat(self._status(), timeout=RPC_TIMEOUT_S)
+                reply = await self._stub.Heartbeat(
+                    self._status(), timeout=RPC_TIMEOUT_S, metadata=self._metadata
+                )
             except grpc.aio.AioRpcError as error:
                 log.warning("heartbeat to %s failed: %s", self.coordinator, error.code())
                 self.is_registered = False
@@ -80,7 +87,9 @@ class WorkerRegistration:
         """Retry until the coordinator answers (it may start after us)."""
         while True:
             try:
-                reply = await self._stub.Register(self.info, timeout=RPC_TIMEOUT_S)
+                reply = await self._stub.Register(
+                    self.info, timeout=RPC_TIMEOUT_S, metadata=self._metadata
+                )
                 self.is_registered = True
                 log.info("registered %s with %s", self.info.worker_id, self.coordinator)
                 return reply.heartbeat_interval_s or 1.0

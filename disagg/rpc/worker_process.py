@@ -83,7 +83,7 @@ async def serve_worker(
     await server.start()
     info.address = f"{config.advertise_host}:{port}"
     info.pid = os.getpid()
-    registration = WorkerRegistration(config.coordinator, info, status)
+    registration = WorkerRegistration(config.coordinator, info, status, config.cluster_secret)
     health.follow(lambda: registration.is_registered)
     await registration.start()
     print(f"disagg {info.role} worker {info.worker_id} serving gRPC on {info.address}", flush=True)

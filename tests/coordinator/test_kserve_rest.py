@@ -289,7 +289,7 @@ ERROR_CASES = [
     ("POST", "infer", {**GOOD, "parameters": {"max_tokens": 1000}}, {}, 400),
     ("POST", "infer", {**GOOD, "parameters": {"top_p": 1.5}}, {}, 400),
     ("POST", "infer", {**GOOD, "parameters": {"top_k": 2**40}}, {}, 400),
-    ("POST", "infer", {**GOOD, "parameters": {"seed": -1}}, {}, 400),
+    ("POST", "infer", {**GOOD, "parameters": {"seed": -(2**63) - 1}}, {}, 400),
     ("POST", "infer", {**GOOD, "parameters": {"stop": 5}}, {}, 400),
     ("POST", "infer", {**GOOD, "parameters": {"stop": [""]}}, {}, 400),
     ("POST", "infer", {**GOOD, "parameters": {"ignore_eos": "maybe"}}, {}, 400),
