@@ -38,6 +38,7 @@ from coordinator.kserve_text import (
     parse_text_request,
 )
 from coordinator.request_timing import RequestTrace, merged_timings
+from coordinator.structured_output import KSERVE_FIELDS, check_constraints
 from disagg.errors import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -231,6 +232,7 @@ class KServeServicer:
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         job = parse_job(request, self.frontend)
+        await check_constraints(job.requests, self.frontend.model, KSERVE_FIELDS)
         # NOTE: a client that leaves cancels this handler, which cancels every generation
         completions = await self.frontend.runner.complete_all(job.requests)
         response = infer_response(self.pb, job, completions, job.output_names)
@@ -257,6 +259,7 @@ class KServeServicer:
     async def _stream_one(self, request: pb.ModelInferRequest, outbox: asyncio.Queue) -> None:
         try:
             job = parse_job(request, self.frontend)
+            await check_constraints(job.requests, self.frontend.model, KSERVE_FIELDS)
             if len(job.requests) != 1:
                 raise InvalidRequestError("ModelStreamInfer takes one prompt per request", "inputs")
             await self._stream_chunks(job, outbox)

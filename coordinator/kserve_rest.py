@@ -55,6 +55,7 @@ from coordinator.kserve_rest_body import (
 )
 from coordinator.kserve_text import TextRequest, model_metadata, output_tensors, parse_text_request
 from coordinator.request_timing import RequestTrace, merged_timings
+from coordinator.structured_output import KSERVE_FIELDS, check_constraints
 from disagg.errors import InvalidRequestError
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -152,8 +153,10 @@ class KServeRest:
         inputs = request_inputs(header, binary)
         outputs = requested_outputs(header)
         text = parse_text_request(inputs, json_object(header, "parameters"), self._tokenizer)
+        generations = self._generation_requests(request, text)
+        await check_constraints(generations, self.frontend.model, KSERVE_FIELDS)
         completions = await self.frontend.runner.complete_all(
-            self._generation_requests(request, text), partial(until_disconnected, request)
+            generations, partial(until_disconnected, request)
         )
         body = self._response_header(header, [c.trace for c in completions])
         return infer_response(body, output_tensors(completions, list(outputs)), outputs)
@@ -213,7 +216,9 @@ class KServeRest:
         text = parse_text_request(inputs, json_object(body, "parameters"), self._tokenizer)
         if len(text.prompts) != 1:
             raise InvalidRequestError("generate takes one prompt; use infer for a batch", "inputs")
-        return body, self._generation_requests(request, text)[0]
+        generations = self._generation_requests(request, text)
+        await check_constraints(generations, self.frontend.model, KSERVE_FIELDS)
+        return body, generations[0]
 
     def _generation_requests(self, request: Request, text: TextRequest) -> list[GenerationRequest]:
         tenant = resolve_tenant(text.tenant, request.headers.get("x-tenant-id"))

@@ -31,6 +31,7 @@ from coordinator.http_io import (
 from coordinator.openai_protocol import ParsedRequest, parse_chat, parse_completion
 from coordinator.openai_shapes import ChatShape, CompletionShape, Shape, usage
 from coordinator.request_timing import timings
+from coordinator.structured_output import check_constraints, openai_fields
 
 
 def routes(frontend: Frontend) -> list[BaseRoute]:
@@ -88,6 +89,7 @@ class OpenAIApi:
             parsed: ParsedRequest = parse(
                 body, self.frontend.model, request.headers.get("x-tenant-id")
             )
+            await check_constraints(parsed.requests, self.frontend.model, openai_fields(body))
             response_id = f"{shape.id_prefix}-{uuid.uuid4().hex}"
             if parsed.stream:
                 streams = self.frontend.runner.stream(parsed.requests)
