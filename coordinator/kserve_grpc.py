@@ -39,6 +39,7 @@ from coordinator.kserve_text import (
     parse_text_request,
 )
 from coordinator.request_timing import RequestTrace, merged_timings
+from coordinator.structured_output import KSERVE_FIELDS, check_constraints
 from disagg.errors import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -254,6 +255,7 @@ class KServeServicer:
         self, request: pb.ModelInferRequest, tenant: str | None
     ) -> pb.ModelInferResponse:
         job = parse_job(request, self.frontend, tenant)
+        await check_constraints(job.requests, self.frontend.model, KSERVE_FIELDS)
         lease = self.frontend.quotas.admit(job.requests[0].tenant)
         try:  # NOTE: a client that leaves cancels this handler, which cancels every generation
             completions = await self.frontend.runner.complete_all(job.requests)
@@ -288,6 +290,7 @@ class KServeServicer:
     ) -> None:
         try:
             job = parse_job(request, self.frontend, tenant)
+            await check_constraints(job.requests, self.frontend.model, KSERVE_FIELDS)
             if len(job.requests) != 1:
                 raise InvalidRequestError("ModelStreamInfer takes one prompt per request", "inputs")
             await self._stream_chunks(job, outbox)

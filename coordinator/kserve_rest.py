@@ -59,6 +59,7 @@ from coordinator.kserve_rest_body import (
 from coordinator.kserve_text import TextRequest, model_metadata, output_tensors, parse_text_request
 from coordinator.quotas import Lease
 from coordinator.request_timing import RequestTrace, merged_timings
+from coordinator.structured_output import KSERVE_FIELDS, check_constraints
 from disagg.errors import InvalidRequestError
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -157,6 +158,7 @@ class KServeRest:
         outputs = requested_outputs(header)
         text = parse_text_request(inputs, json_object(header, "parameters"), self._tokenizer)
         generations = self._generation_requests(request, text)
+        await check_constraints(generations, self.frontend.model, KSERVE_FIELDS)
         with self._lease(generations):
             completions = await self.frontend.runner.complete_all(
                 generations, partial(until_disconnected, request)
@@ -227,7 +229,9 @@ class KServeRest:
         text = parse_text_request(inputs, json_object(body, "parameters"), self._tokenizer)
         if len(text.prompts) != 1:
             raise InvalidRequestError("generate takes one prompt; use infer for a batch", "inputs")
-        return body, self._generation_requests(request, text)[0]
+        generations = self._generation_requests(request, text)
+        await check_constraints(generations, self.frontend.model, KSERVE_FIELDS)
+        return body, generations[0]
 
     @contextmanager
     def _lease(self, generations: list[GenerationRequest]) -> Iterator[None]:

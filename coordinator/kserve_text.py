@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from coordinator.frontend import MODEL_VERSION
 from coordinator.kserve_tensor import Tensor
 from coordinator.request_values import check_text, check_texts, seed_value, top_k_value
+from coordinator.structured_output import with_kserve_constraint
 from disagg.engine.sampling_params import SamplingParams
 from disagg.errors import InvalidRequestError
 from disagg.model.tokenizer import apply_chat_template, encode_prompt
@@ -78,7 +79,9 @@ def parse_text_request(
         if tensor.name in PARAMETERS:
             merged[tensor.name] = _parameter_value(tensor)
     return TextRequest(
-        _prompts(text_input, tokenizer), sampling_params(merged), _tenant(merged.get("tenant_id"))
+        _prompts(text_input, tokenizer),
+        with_kserve_constraint(sampling_params(merged), merged),
+        _tenant(merged.get("tenant_id")),
     )
 
 

@@ -33,6 +33,7 @@ from coordinator.openai_protocol import ParsedRequest, parse_chat, parse_complet
 from coordinator.openai_shapes import ChatShape, CompletionShape, Shape, usage
 from coordinator.quotas import Lease
 from coordinator.request_timing import timings
+from coordinator.structured_output import check_constraints, openai_fields
 
 
 def routes(frontend: Frontend) -> list[BaseRoute]:
@@ -93,6 +94,7 @@ class OpenAIApi:
             if (tenant := scope_tenant(request.scope)) is not None:
                 for generation in parsed.requests:  # with API keys, the key names the tenant
                     generation.tenant = tenant
+            await check_constraints(parsed.requests, self.frontend.model, openai_fields(body))
             response_id = f"{shape.id_prefix}-{uuid.uuid4().hex}"
             lease = self.frontend.quotas.admit(parsed.requests[0].tenant)
             if parsed.stream:

@@ -14,6 +14,7 @@ from coordinator.openai_fields import (
     stop_strings,
 )
 from coordinator.request_values import UINT32_LIMIT, UINT64_LIMIT, seed_value, top_k_value
+from coordinator.structured_output import chat_structure, output_constraint, with_constraint
 from disagg.engine.sampling_params import SamplingParams
 from disagg.errors import InvalidRequestError
 from disagg.model.loader import ModelInfo
@@ -21,8 +22,6 @@ from disagg.model.tokenizer import apply_chat_template, encode_prompt
 
 MAX_N = 16
 UNSUPPORTED_FIELDS = {
-    "tools": "tool calling",
-    "tool_choice": "tool calling",
     "functions": "function calling",
     "function_call": "function calling",
     "audio": "audio output",
@@ -39,6 +38,8 @@ class ParsedRequest:
     include_usage: bool
     logprobs: int | None
     num_prompts: int
+    has_tools: bool = False
+    """Tools were offered: the output is read for tool calls (coordinator.structured_output)."""
 
 
 def field(body: dict, name: str, kind: type | tuple[type, ...], default: object = None) -> object:
@@ -57,12 +58,6 @@ def reject_unsupported(body: dict) -> None:
     for name, what in UNSUPPORTED_FIELDS.items():
         if body.get(name):
             raise InvalidRequestError(f"{what} is not supported by this server", name)
-    response_format = body.get("response_format")
-    if response_format and response_format.get("type", "text") != "text":
-        raise InvalidRequestError(
-            f"response_format {response_format.get('type')!r} is not supported; only text",
-            "response_format",
-        )
     if field(body, "echo", bool, False):
         raise InvalidRequestError("echo is not supported by this server", "echo")
     if field(body, "best_of", int, 1) != 1:
@@ -154,10 +149,13 @@ def parse_completion(body: dict, model: ModelInfo, tenant_header: str | None) ->
     prompts = completion_prompts(body, model)
     if any(not p for p in prompts):
         raise InvalidRequestError("prompt is empty", "prompt")
+    constraint = output_constraint(body)
     requests = expand(
         prompts,
         body,
-        lambda ids: sampling_params(body, max_tokens(body, len(ids), model, 16), logprobs),
+        lambda ids: with_constraint(
+            sampling_params(body, max_tokens(body, len(ids), model, 16), logprobs), constraint
+        ),
         tenant(body, tenant_header),
     )
     return _parsed(body, requests, logprobs, len(prompts))
@@ -177,14 +175,20 @@ def parse_chat(body: dict, model: ModelInfo, tenant_header: str | None) -> Parse
             "top_logprobs needs logprobs=true and must be in [0, 20]", "top_logprobs"
         )
     logprobs = (top or 0) if wants_logprobs else None
-    prompt_ids = apply_chat_template(model.tokenizer, messages)
+    structure = chat_structure(body, model.tokenizer)
+    prompt_ids = apply_chat_template(model.tokenizer, structure.messages, tools=structure.tools)
     requests = expand(
         [prompt_ids],
         body,
-        lambda ids: sampling_params(body, max_tokens(body, len(ids), model, None), logprobs),
+        lambda ids: with_constraint(
+            sampling_params(body, max_tokens(body, len(ids), model, None), logprobs),
+            structure.constraint,
+        ),
         tenant(body, tenant_header),
     )
-    return _parsed(body, requests, logprobs, 1)
+    parsed = _parsed(body, requests, logprobs, 1)
+    parsed.has_tools = structure.has_tools
+    return parsed
 
 
 def _parsed(

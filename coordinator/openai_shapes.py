@@ -6,6 +6,7 @@ import time
 
 from coordinator.generation import Completion, TextChunk
 from coordinator.openai_protocol import ParsedRequest
+from coordinator.tool_call_output import ToolCallDeltas, tool_call_message
 from disagg.engine.sequence import TokenLogprob
 
 
@@ -102,6 +103,10 @@ class ChatShape(Shape):
     object_name = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
+    def __init__(self, tokenizer: object) -> None:
+        super().__init__(tokenizer)
+        self._tool_deltas = ToolCallDeltas()  # one response's streamed calls, by choice
+
     def opening_chunks(self, response_id: str, created: int, model: str, index: int) -> list[dict]:
         """A chat stream's first delta for each choice carries the role."""
         choice = {
@@ -113,20 +118,27 @@ class ChatShape(Shape):
         return [self.envelope(response_id, created, model, [choice])]
 
     def choice(self, index: int, completion: Completion, parsed: ParsedRequest) -> dict:
+        message = {"role": "assistant", "content": completion.text}
+        finish_reason = completion.finish_reason
+        if parsed.has_tools:
+            message, finish_reason = tool_call_message(completion.text, finish_reason)
         return {
             "index": index,
-            "message": {"role": "assistant", "content": completion.text},
+            "message": message,
             "logprobs": self._logprobs(completion.logprobs, parsed),
-            "finish_reason": completion.finish_reason,
+            "finish_reason": finish_reason,
         }
 
     def chunk(self, response_id, created, model, index, chunk: TextChunk, parsed) -> dict:
         delta = {"content": chunk.text} if chunk.text else {}
+        finish_reason = chunk.finish_reason
+        if parsed.has_tools:
+            delta, finish_reason = self._tool_deltas.delta(index, chunk.text, finish_reason)
         choice = {
             "index": index,
             "delta": delta,
             "logprobs": self._logprobs(chunk.logprobs, parsed),
-            "finish_reason": chunk.finish_reason,
+            "finish_reason": finish_reason,
         }
         return self.envelope(response_id, created, model, [choice])
 

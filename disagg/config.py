@@ -101,9 +101,9 @@ class WorkerConfig:
     """Unique name; defaults to role-hostname-pid."""
     threads: int = 0
     """torch intra-op threads; 0 leaves torch's default."""
+    # NOTE: best given as DISAGG_CLUSTER_SECRET, off the command line (`disagg serve` makes one).
     cluster_secret: str = ""
-    """The coordinator's cluster secret, sent with every registry call; best given as the
-    DISAGG_CLUSTER_SECRET environment variable (`disagg serve` makes one for its children)."""
+    """The coordinator's cluster secret, sent with every registry call."""
 
     def __post_init__(self) -> None:
         require(":" in self.coordinator, "coordinator", f"must be HOST:PORT: {self.coordinator!r}")
@@ -167,21 +167,21 @@ class CoordinatorConfig:
     """Requests that may wait for KV room before new ones are refused."""
     queue_timeout_s: float = 30.0
     """Longest wait for KV room, in seconds."""
+    # NOTE: with any key set, every endpoint but health, readiness and metrics needs one, and
+    # the tenant comes from the key, not from what the client claims.
     api_key: tuple[str, ...] = ()
-    """An API key clients must send (`Authorization: Bearer KEY`); repeatable. Its tenant is
-    `default`. With any key set, every endpoint but health, readiness and metrics needs one."""
+    """An API key clients must send (`Authorization: Bearer KEY`, tenant `default`); repeatable."""
     api_keys: str = ""
-    """A file of API keys, one `KEY TENANT` per line (`#` comments): the tenant comes from the
-    key, not from what the client claims."""
+    """A file of API keys, one `KEY TENANT` per line (`#` starts a comment)."""
 
+    # NOTE: best given as DISAGG_CLUSTER_SECRET, off the command line.
     cluster_secret: str = ""
-    """Workers must present it to register or heartbeat (empty: anyone who reaches the control
-    port may join); best given as the DISAGG_CLUSTER_SECRET environment variable."""
+    """Workers must present it to register or heartbeat; empty lets anyone join."""
     tenant_max_concurrent: int = 0
     """API requests one tenant may have running at once (more get 429); 0 is no limit."""
+    # NOTE: bursts of up to a second's worth pass; more get 429 with Retry-After.
     tenant_max_rps: float = 0.0
-    """Requests per second one tenant may start, in bursts of up to a second's worth (more get
-    429 with Retry-After); 0 is no limit."""
+    """Requests per second one tenant may start; 0 is no limit."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_key", tuple(self.api_key or ()))

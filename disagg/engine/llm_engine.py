@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from disagg.config import EngineConfig
+from disagg.engine.grammars import EngineGrammars
 from disagg.engine.sampler import SamplerOutput
 from disagg.engine.sampling_params import SamplingParams
 from disagg.engine.scheduler import ScheduledChunk, Scheduler
@@ -67,6 +68,10 @@ class LLMEngine:
         configured = getattr(loaded.model.generation_config, "eos_token_id", None)
         self.eos_token_ids = eos_token_ids(configured, loaded.tokenizer)
         self.runner = ModelRunner(self.model, self.kv_cache, self.eos_token_ids)
+        self.grammars = EngineGrammars(
+            loaded.tokenizer, self.model.lm_head.out_features, self.eos_token_ids
+        )
+        self.runner.mask_logits = self.grammars.mask
         self.stats = EngineStats()
 
     # -- requests --------------------------------------------------------
@@ -109,6 +114,7 @@ class LLMEngine:
     ) -> Sequence:
         self.validate(prompt_token_ids, params)
         seq = Sequence(list(prompt_token_ids), params, request_id=request_id)
+        self.grammars.attach(seq)
         self.scheduler.add(seq)
         return seq
 
@@ -121,7 +127,10 @@ class LLMEngine:
 
     def add_sequence(self, seq: Sequence) -> None:
         """Admit a sequence built by its owner (a worker), by its status: WAITING is
-        prefilled here; WAITING_FOR_KV has its prompt's KV in its blocks now and decodes."""
+        prefilled here; WAITING_FOR_KV has its prompt's KV in its blocks now and decodes.
+        A constraint that does not compile, or that its tokens so far break, raises
+        InvalidRequestError before the sequence is in."""
+        self.grammars.attach(seq)
         if seq.status == SequenceStatus.WAITING_FOR_KV:
             self.scheduler.add_running(seq)
         else:
@@ -214,7 +223,8 @@ class LLMEngine:
             seq.output_token_ids.append(token_id)
             if logprob is not None:
                 seq.output_logprobs.append(logprob)
-            reason = self.finish_reason(seq, token_id)
+            is_grammatical = self.grammars.advance(seq, token_id)
+            reason = self.finish_reason(seq, token_id) if is_grammatical else FinishReason.ERROR
             if reason is None:
                 continue
             if seq.status == SequenceStatus.PREFILLED:
@@ -225,6 +235,8 @@ class LLMEngine:
 
     def finish_reason(self, seq: Sequence, token_id: int) -> str | None:
         """Why `token_id`, just appended to `seq`, ends it; None if it does not."""
+        if self.grammars.is_complete(seq):
+            return FinishReason.STOP
         can_stop = seq.num_output_tokens >= seq.params.min_tokens
         if can_stop and token_id in seq.stop_token_ids(self.eos_token_ids):
             return FinishReason.STOP

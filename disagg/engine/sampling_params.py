@@ -37,6 +37,9 @@ class SamplingParams:
     """EOS and stop tokens are not honoured before this many new tokens."""
     logprobs: int | None = None
     """None: no logprobs; N >= 0: the chosen token's logprob plus the top N alternatives."""
+    constraint: str = ""
+    """The output's grammar as `ConstraintSpec.to_wire()` (disagg/grammar/spec.py); "" for none.
+    A string, so it crosses the control plane as is and each engine compiles it (cached)."""
 
     def __post_init__(self) -> None:
         self._check_counts()

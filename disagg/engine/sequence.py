@@ -5,10 +5,14 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 import torch
 
 from disagg.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from disagg.grammar.state import GrammarState
 
 _seq_counter = itertools.count()
 
@@ -69,6 +73,8 @@ class Sequence:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     """Per-sequence RNG of an unseeded sampled request (seeded ones derive theirs per draw)."""
+    grammar: GrammarState | None = None
+    """Where the output is in its grammar (params.constraint); set by the engine on entry."""
 
     def __post_init__(self) -> None:
         if not self.request_id:

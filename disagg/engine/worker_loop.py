@@ -23,6 +23,7 @@ from disagg.engine.llm_engine import LLMEngine
 from disagg.engine.scheduler import ScheduledChunk
 from disagg.engine.sequence import Sequence
 from disagg.engine.step_output import StepOutput
+from disagg.errors import InvalidRequestError
 
 
 class SequenceListener:
@@ -125,8 +126,12 @@ class EngineLoop:
 
     def _apply(self, command: Command) -> None:
         if isinstance(command, Admit):
+            try:
+                self.engine.add_sequence(command.seq)
+            except InvalidRequestError as error:  # a constraint its tokens do not follow
+                command.listener.on_error(command.seq, error)
+                return
             self._listeners[command.seq.seq_id] = command.listener
-            self.engine.add_sequence(command.seq)
         elif isinstance(command, Abort):
             listener = self._listeners.pop(command.seq.seq_id, None)
             if self.engine.abort_sequence(command.seq) and listener is not None:

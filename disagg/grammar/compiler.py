@@ -55,7 +55,7 @@ class GrammarCompiler:
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(stop_token_ids)
-        self.tokenizer_info = _tokenizer_info(tokenizer, vocab_size, self.stop_token_ids)
+        self.tokenizer_info = _shared_tokenizer_info(tokenizer, vocab_size, self.stop_token_ids)
         self._compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=1)
 
     def compile(self, spec: ConstraintSpec) -> xgr.CompiledGrammar:
@@ -87,6 +87,25 @@ def _reason(exc: Exception) -> str:
     """xgrammar's message without its `[time] file.cc:line:` prefix."""
     lines = str(exc).strip().splitlines()
     return _LOCATION.sub("", lines[-1]) if lines else type(exc).__name__
+
+
+_TOKENIZER_INFOS: dict[tuple, xgr.TokenizerInfo] = {}
+
+
+def _shared_tokenizer_info(
+    tokenizer: Any, vocab_size: int, stop_token_ids: list[int]
+) -> xgr.TokenizerInfo:
+    """One TokenizerInfo per tokenizer files, vocabulary and stop ids in this process.
+
+    Set-up costs 1-3 s; roles that share a process (the in-process test cluster, or the
+    coordinator's check and a colocated engine) build it once. The key is the tokenizer's
+    source path and size, so two loads of the same files share it too.
+    """
+    name = getattr(tokenizer, "name_or_path", "") or str(id(tokenizer))
+    key = (name, len(tokenizer), vocab_size, tuple(stop_token_ids))
+    if key not in _TOKENIZER_INFOS:
+        _TOKENIZER_INFOS[key] = _tokenizer_info(tokenizer, vocab_size, stop_token_ids)
+    return _TOKENIZER_INFOS[key]
 
 
 def _tokenizer_info(

@@ -60,6 +60,11 @@ class Projection:
             else None
         )
 
+    @property
+    def out_features(self) -> int:
+        """Width of the (concatenated) output: for the LM head, the logits' vocabulary."""
+        return sum(self.split_sizes)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """x: [T, in] -> [T, out] for one linear, else a tuple of [T, out_i] views."""
         if not self.fused:

@@ -24,6 +24,8 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.eos_token_ids = eos_token_ids
         self.device = model.device
+        self.mask_logits: Callable[[torch.Tensor, list[Sequence]], None] | None = None
+        """Constrained decoding: forbids, in place, what each row's grammar forbids."""
 
     @torch.inference_mode()
     def prefill(
@@ -93,6 +95,8 @@ class ModelRunner:
         ]
         for row, seq in short:
             logits[row, list(seq.stop_token_ids(self.eos_token_ids))] = float("-inf")
+        if self.mask_logits is not None:
+            self.mask_logits(logits, seqs)
         return sample(logits, seqs)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:

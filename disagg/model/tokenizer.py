@@ -23,9 +23,13 @@ REPLACEMENT_CHAR = "\ufffd"
 
 
 def apply_chat_template(
-    tokenizer: Any, messages: list[dict], add_generation_prompt: bool = True
+    tokenizer: Any,
+    messages: list[dict],
+    add_generation_prompt: bool = True,
+    tools: list[dict] | None = None,
 ) -> list[int]:
-    """Render OpenAI-style chat messages with the model's own template and tokenize them."""
+    """Render OpenAI-style chat messages with the model's own template and tokenize them;
+    `tools` (OpenAI function tools) go to a template that renders them itself."""
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequestError("this model has no chat template; use completions", "messages")
     if not messages:
@@ -33,7 +37,10 @@ def apply_chat_template(
     normalized = [_normalize_message(i, m) for i, m in enumerate(messages)]
     try:
         result = tokenizer.apply_chat_template(
-            normalized, tokenize=True, add_generation_prompt=add_generation_prompt
+            normalized,
+            tokenize=True,
+            add_generation_prompt=add_generation_prompt,
+            **({"tools": tools} if tools else {}),
         )
     except TemplateError as exc:  # e.g. a template that demands alternating roles
         raise InvalidRequestError(f"chat template rejected messages: {exc}", "messages") from exc

@@ -18,6 +18,7 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         stop_token_ids=list(params.stop_token_ids),
         ignore_eos=params.ignore_eos,
         min_tokens=params.min_tokens,
+        constraint=params.constraint,
     )
     if params.seed is not None:
         message.seed = params.seed
@@ -38,6 +39,7 @@ def sampling_from_proto(message: pb.SamplingParams) -> SamplingParams:
         ignore_eos=message.ignore_eos,
         min_tokens=message.min_tokens,
         logprobs=message.logprobs if message.HasField("logprobs") else None,
+        constraint=message.constraint,
     )
 
 
