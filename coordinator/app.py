@@ -30,6 +30,7 @@ def build_app(frontend: Frontend) -> Starlette:
                 "load": w.load,
                 "free_kv_blocks": w.free_kv_blocks,
                 "total_kv_blocks": w.info.total_kv_blocks,
+                "num_preemptions": w.num_preemptions,
             }
             for w in frontend.registry.all()
         ]

@@ -1,5 +1,6 @@
 """Chat requests without max_tokens (max_tokens = the rest of the context) on a pool that
-could hold only two such whole budgets: blocks on demand let 64 of them decode at once."""
+could hold only two such whole budgets: blocks on demand let 64 of them decode at once, and
+as they grow, the decode worker preempts some (counted in /cluster) instead of failing any."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import urllib.request
 
 import pytest
 
+from tests.cluster_harness import wait_until
 from tests.inprocess_cluster import InProcessCluster
 
 NUM_CHATS = 64
@@ -40,12 +42,20 @@ def open_chat(cluster: InProcessCluster, turn: int):
     return urllib.request.urlopen(request, timeout=120)
 
 
+def decode_worker(cluster: InProcessCluster) -> dict:
+    (worker,) = [w for w in cluster.cluster()["workers"] if w["role"] != "prefill"]
+    return worker
+
+
 def test_64_chats_without_max_tokens_decode_at_once(default_ratio_pool):
     # reserving prompt + max_tokens, at most two would fit at once
+    num_preemptions = lambda: decode_worker(default_ratio_pool)["num_preemptions"]  # noqa: E731
+    assert num_preemptions() == 0
     assert 3 * (CONTEXT_TOKENS // BLOCK_SIZE) > NUM_KV_BLOCKS
     all_streaming = threading.Barrier(NUM_CHATS + 1, timeout=60)
     seen: list[list[str]] = [[] for _ in range(NUM_CHATS)]
     errors: list[BaseException] = []
+    may_close = threading.Event()
 
     def chat(turn: int) -> None:
         try:
@@ -54,7 +64,8 @@ def test_64_chats_without_max_tokens_decode_at_once(default_ratio_pool):
                     line = response.readline().decode().strip()
                     if line.startswith("data:"):
                         seen[turn].append(line)
-                all_streaming.wait()  # hold the stream open until every chat streams
+                all_streaming.wait()  # every chat streams at once
+                may_close.wait(timeout=60)  # then they grow until some must be preempted
         except BaseException as error:  # noqa: BLE001 - reported by the test thread
             errors.append(error)
             all_streaming.abort()
@@ -63,6 +74,10 @@ def test_64_chats_without_max_tokens_decode_at_once(default_ratio_pool):
     for thread in threads:
         thread.start()
     all_streaming.wait()
+    try:
+        wait_until(num_preemptions, 60, "the growing chats to preempt some")
+    finally:
+        may_close.set()
     for thread in threads:
         thread.join(timeout=30)
     assert errors == []
