@@ -10,6 +10,13 @@ Blocks are handed out on demand (as in vLLM's PagedAttention, Kwon et al., SOSP
 grows one block at a time as it decodes. New sequences are admitted only while
 `watermark_blocks` stay free afterwards, so the running ones have room to grow
 before anything must be preempted.
+
+Prefix caching (groundwork; nothing registers blocks yet): a full block whose
+content is final can be registered under its chained hash (`block_hash`).
+Blocks are reference-counted, so several sequences can share a cached prefix;
+a registered block whose last user frees it stays findable among the free
+blocks, and is evicted, least recently freed first, only when no plain free
+block is left to hand out.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import heapq
 import math
 import threading
+from collections import Counter, OrderedDict
 
 from disagg.engine.sequence import Sequence
 from disagg.errors import OutOfBlocksError
@@ -46,12 +54,22 @@ class BlockManager:
         # NOTE: a min-heap hands out low ids first, so a fresh sequence tends to get
         # a contiguous run of blocks, which the KV wire can ship without a gather.
         self._free_ids: list[int] = list(range(num_blocks))
-        self._is_free = [True] * num_blocks
+        self._ref_counts = [0] * num_blocks
+        self._cached_free: OrderedDict[int, int] = OrderedDict()
+        """Free blocks that are still findable by hash: block id -> hash, least recent first."""
+        self._block_of_hash: dict[int, int] = {}
+        self._hash_of_block: dict[int, int] = {}
         self._lock = threading.Lock()
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free_ids)
+        """Blocks that can be handed out, cached ones (evicted on demand) included."""
+        return len(self._free_ids) + len(self._cached_free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks findable by hash, in use or free."""
+        return len(self._hash_of_block)
 
     @property
     def num_used_blocks(self) -> int:
@@ -77,19 +95,71 @@ class BlockManager:
                     f"need {num_blocks} KV blocks (keeping {self.watermark_blocks} free for "
                     f"growth: {keep_watermark}), {self.num_free_blocks} of {self.num_blocks} free"
                 )
-            block_ids = [heapq.heappop(self._free_ids) for _ in range(num_blocks)]
+            block_ids = [self._take_free_block() for _ in range(num_blocks)]
             for block_id in block_ids:
-                self._is_free[block_id] = False
+                self._ref_counts[block_id] = 1
             return block_ids
 
+    def _take_free_block(self) -> int:
+        """A plain free block, or else the least recently freed cached one, evicted."""
+        if self._free_ids:
+            return heapq.heappop(self._free_ids)
+        block_id, block_hash = self._cached_free.popitem(last=False)
+        del self._block_of_hash[block_hash], self._hash_of_block[block_id]
+        return block_id
+
     def free(self, block_ids: list[int]) -> None:
+        """Drop one reference to each block; a block nobody holds is free again (and stays
+        findable if it was registered)."""
         with self._lock:
-            for block_id in block_ids:
-                if self._is_free[block_id]:
+            for block_id, count in Counter(block_ids).items():
+                if self._ref_counts[block_id] < count:
                     raise RuntimeError(f"block {block_id} freed twice")
             for block_id in block_ids:
-                self._is_free[block_id] = True
-                heapq.heappush(self._free_ids, block_id)
+                self._ref_counts[block_id] -= 1
+                if self._ref_counts[block_id] > 0:
+                    continue
+                block_hash = self._hash_of_block.get(block_id)
+                if block_hash is None:
+                    heapq.heappush(self._free_ids, block_id)
+                else:
+                    self._cached_free[block_id] = block_hash
+
+    # -- prefix caching ---------------------------------------------------
+
+    def register(self, block_id: int, block_hash: int) -> bool:
+        """Make a full, final, held block findable under `block_hash`; False (nothing changes)
+        when another block already holds that content or this one is registered."""
+        with self._lock:
+            if self._ref_counts[block_id] == 0:
+                raise RuntimeError(f"block {block_id} is free: only a held block is registered")
+            if block_hash in self._block_of_hash or block_id in self._hash_of_block:
+                return False
+            self._block_of_hash[block_hash] = block_id
+            self._hash_of_block[block_id] = block_hash
+            return True
+
+    def find_prefix(self, block_hashes: list[int]) -> list[int]:
+        """Block ids holding the longest cached run of `block_hashes` from the first one."""
+        found: list[int] = []
+        with self._lock:
+            for block_hash in block_hashes:
+                block_id = self._block_of_hash.get(block_hash)
+                if block_id is None:
+                    break
+                found.append(block_id)
+        return found
+
+    def acquire(self, block_ids: list[int]) -> None:
+        """Take one reference to each cached block (as `find_prefix` returned them): a free
+        one leaves the free blocks; one in use is shared. Its content must not change."""
+        with self._lock:
+            for block_id in block_ids:
+                if block_id not in self._hash_of_block:
+                    raise RuntimeError(f"block {block_id} is not cached")
+            for block_id in block_ids:
+                self._cached_free.pop(block_id, None)
+                self._ref_counts[block_id] += 1
 
     def num_missing_blocks(self, seq: Sequence, num_tokens: int) -> int:
         """Blocks `seq` still lacks to hold `num_tokens` tokens."""
