@@ -67,6 +67,12 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def has_preempted(self) -> bool:
+        """A preempted sequence waits to resume: new ones should not take the blocks it needs.
+        Safe to read from another thread (a copy of a deque is taken under the GIL)."""
+        return any(seq.num_output_tokens > 0 for seq in list(self.waiting))
+
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)

@@ -131,6 +131,7 @@ def test_preempted_sequences_resume_oldest_first_by_recomputing_every_token():
     assert s3.block_table == [] and s3.num_computed_tokens == 0
     assert s3.status == SequenceStatus.WAITING
     assert scheduler.block_manager.num_free_blocks == 2  # s2 gave its own back
+    assert scheduler.has_preempted  # a decode worker admits nothing new meanwhile
     assert run_prefill(scheduler) == []  # s2 needs 3 to resume
     scheduler.finish(s0, "stop")
     # room for s2's 9 tokens (3 blocks): prefilled again, prompt and output alike
@@ -140,6 +141,7 @@ def test_preempted_sequences_resume_oldest_first_by_recomputing_every_token():
     assert list(scheduler.waiting) == [s3]
     scheduler.finish(s1, "stop")
     assert [(c.seq, c.num_tokens) for c in run_prefill(scheduler)] == [(s3, 9)]
+    assert not scheduler.has_preempted
 
 
 def test_a_sequence_preempts_itself_when_it_is_the_only_one_that_could_give():
