@@ -35,6 +35,7 @@ def build_app(frontend: Frontend, api_keys: ApiKeys | None = None) -> Starlette:
                 "load": w.load,
                 "free_kv_blocks": w.free_kv_blocks,
                 "total_kv_blocks": w.info.total_kv_blocks,
+                "num_preemptions": w.num_preemptions,
             }
             for w in frontend.registry.all()
         ]

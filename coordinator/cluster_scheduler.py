@@ -29,6 +29,7 @@ from coordinator.request_timing import RequestTrace
 from disagg.config import DispatchConfig
 from disagg.engine.sampling_params import SamplingParams
 from disagg.engine.sequence import TokenLogprob
+from disagg.kv.block_manager import initial_num_tokens
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc.convert import optional_logprob, sampling_to_proto
 from disagg.rpc.status import invalid_request
@@ -76,7 +77,9 @@ class ClusterScheduler:
             lambda: self._allocate(trace.request_id, prompt_ids, params)
         )
         trace.decode_worker = decode.worker_id
-        num_blocks = self.registry.blocks_for(decode, len(prompt_ids) + params.max_tokens)
+        num_blocks = self.registry.blocks_for(
+            decode, initial_num_tokens(len(prompt_ids), params.max_tokens)
+        )
         finished, release_reason = False, "cancelled"
         try:
             try:
@@ -108,7 +111,8 @@ class ClusterScheduler:
         request = pb.AllocateRequest(
             request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling_to_proto(params)
         )
-        num_tokens = len(prompt_ids) + params.max_tokens
+        # NOTE: a decode worker reserves the prompt plus a lookahead and grows on demand
+        num_tokens = initial_num_tokens(len(prompt_ids), params.max_tokens)
         for worker in candidates:
             # NOTE: counted before the call, so that requests arriving together spread out
             # instead of all picking the worker that looked emptiest a moment ago.

@@ -40,6 +40,8 @@ class WorkerRecord:
     given back since (so it may be negative)."""
     prompt_tokens_in_flight: int = 0
     """Prompt tokens this coordinator has sent the worker and not yet had back."""
+    num_preemptions: int = 0
+    """Sequences the worker preempted for KV blocks over its life (as last reported)."""
     is_draining: bool = False
     """The worker is finishing its sequences before it exits: place nothing new on it."""
     decode: pb_grpc.DecodeWorkerStub = field(init=False)
@@ -89,6 +91,7 @@ class WorkerRegistry:
         record.reserved_blocks = 0
         record.load = request.load
         record.is_draining = request.draining
+        record.num_preemptions = request.num_preemptions
         self._changed()
         return True
 

@@ -27,7 +27,7 @@ from enum import IntEnum
 import torch
 
 from disagg.engine.sequence import Sequence
-from disagg.kv.block_manager import BlockManager
+from disagg.kv.block_manager import BlockManager, initial_num_tokens
 from disagg.kv.cache import PagedKVCache
 from disagg.kv.wire import DoneHeader, LayerHeader, combine, dtype_name
 
@@ -131,13 +131,16 @@ class HandleTable:
     def allocate(
         self, request_id: str, prompt_token_ids: list[int], max_new_tokens: int
     ) -> KVHandle:
-        """Reserve blocks for the prompt and every token it may generate (raises OutOfBlocksError).
+        """Reserve blocks for the prompt and a short lookahead (raises OutOfBlocksError).
 
-        NOTE: reserving the whole budget up front means a decoding sequence never
-        needs a block it cannot get, so the decode side never preempts.
+        The rest of the sequence's blocks are taken one at a time as it decodes; when
+        the pool runs out, the engine preempts the youngest sequence and recomputes its
+        KV later. So a request is admitted only while the block manager's watermark
+        stays free for that growth.
         """
-        num_tokens = len(prompt_token_ids) + max_new_tokens
-        block_ids = self.block_manager.allocate(self.block_manager.blocks_for(num_tokens))
+        num_tokens = initial_num_tokens(len(prompt_token_ids), max_new_tokens)
+        num_blocks = self.block_manager.blocks_for(num_tokens)
+        block_ids = self.block_manager.allocate(num_blocks, keep_watermark=True)
         handle = KVHandle(
             handle_id=uuid.uuid4().hex,
             request_id=request_id,

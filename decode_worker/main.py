@@ -65,6 +65,7 @@ async def run(
             worker_id=worker_id,
             load=service.load(),
             free_kv_blocks=engine.block_manager.num_free_blocks,
+            num_preemptions=engine.scheduler.num_preemptions,
         )
 
     def on_stop() -> None:

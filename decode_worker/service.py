@@ -105,6 +105,8 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         try:
             params = sampling_from_proto(request.sampling)
             self.engine.check_prompt(prompt, params.max_tokens)
+            if self.engine.scheduler.has_preempted:  # they resume first, or could starve
+                raise OutOfBlocksError("preempted sequences are waiting for KV blocks")
             handle = self.table.allocate(request.request_id, prompt, params.max_tokens)
         except InvalidRequestError as error:  # NeverFitsError included: waiting cannot help
             await abort_invalid(context, error)

@@ -2,12 +2,19 @@
 
 Algorithm: a step is either a prefill step or a decode step.
 - Prefill first: waiting sequences are admitted in arrival order while the
-  token budget and free blocks allow. A prompt longer than the remaining budget
-  is cut into chunks; the rest waits at the head of the queue for the next step.
-- Otherwise every running sequence decodes one token. A sequence that needs a
-  new block when none is free preempts the most recently admitted one, whose
-  blocks are freed and which is prefilled again later (recompute), so no
-  sequence ever waits for memory that will not come.
+  token budget and free blocks allow. A sequence gets the blocks for all its
+  tokens when its first chunk is scheduled, and only if the block manager's
+  watermark stays free afterwards (room for the running ones to grow), so a
+  half-prefilled prompt never waits for blocks that decoding took meanwhile.
+  A prompt longer than the remaining budget is cut into chunks; the rest waits
+  at the head of the queue for the next step.
+- Otherwise every running sequence decodes one token, growing by one block when
+  its last one is full. A sequence that needs a block when none is free preempts
+  the youngest running one (latest arrival), whose blocks are freed and which
+  goes back to the head of the waiting queue: its KV is recomputed later from its
+  prompt and the tokens it has so far, by a (chunked) prefill, and it decodes on
+  with the same tokens (vLLM's recompute preemption, Kwon et al., SOSP 2023). No
+  sequence ever waits for memory that will not come, and none is lost.
 """
 
 from __future__ import annotations
@@ -53,10 +60,18 @@ class Scheduler:
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        """Sequences preempted (blocks freed, KV to recompute) over the scheduler's life."""
 
     @property
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def has_preempted(self) -> bool:
+        """A preempted sequence waits to resume: new ones should not take the blocks it needs.
+        Safe to read from another thread (a copy of a deque is taken under the GIL)."""
+        return any(seq.num_output_tokens > 0 for seq in list(self.waiting))
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -111,11 +126,11 @@ class Scheduler:
         for seq in self.waiting:
             if budget == 0 or len(self.running) + len(chunks) >= self.config.max_num_seqs:
                 break
-            num_tokens = min(seq.num_uncomputed_tokens, budget)
-            target = seq.num_computed_tokens + num_tokens
-            if not self.block_manager.can_grow(seq, target):
+            is_new = seq.num_computed_tokens == 0
+            if not self.block_manager.can_grow(seq, seq.num_tokens, keep_watermark=is_new):
                 break
-            self.block_manager.grow(seq, target)
+            self.block_manager.grow(seq, seq.num_tokens, keep_watermark=is_new)
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
             chunks.append(ScheduledChunk(seq, num_tokens))
             budget -= num_tokens
             if num_tokens < seq.num_uncomputed_tokens:
@@ -123,8 +138,9 @@ class Scheduler:
         return chunks
 
     def _schedule_decode(self) -> list[Sequence]:
+        """Oldest first; the youngest give up their blocks when the pool runs out."""
         scheduled: list[Sequence] = []
-        queue = list(self.running)
+        queue = sorted(self.running, key=lambda seq: seq.seq_id)
         while queue:
             seq = queue.pop(0)
             while not self.block_manager.can_grow(seq, seq.num_tokens):
@@ -138,6 +154,7 @@ class Scheduler:
         return scheduled
 
     def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
         self.running.remove(seq)
         self.block_manager.release(seq)
         seq.status = SequenceStatus.WAITING

@@ -51,10 +51,12 @@ def test_a_request_larger_than_the_whole_decode_pool_is_refused_at_once(small_po
 
 
 def test_a_waiting_request_runs_as_soon_as_a_cancelled_one_frees_its_blocks(small_pool):
-    """Each request needs 7 of the 8 blocks. The second waits; when the first one's client
-    leaves, the freed blocks admit it at once, not at the next heartbeat (minutes away)."""
+    """The first request grows towards 7 of the 8 blocks; the second's prompt alone needs 7
+    (96 tokens + the lookahead), so it waits; when the first one's client leaves, the freed
+    blocks admit it at once, not at the next heartbeat (minutes away)."""
     fields = {"max_tokens": 100, "ignore_eos": True, "temperature": 0}
     body = json.dumps({"prompt": "hello", "stream": True, **fields}).encode()
+    second_fields = {**fields, "max_tokens": 32}
     first = urllib.request.urlopen(
         urllib.request.Request(
             f"{small_pool.url}/v1/completions", body, {"Content-Type": "application/json"}
@@ -66,7 +68,7 @@ def test_a_waiting_request_runs_as_soon_as_a_cancelled_one_frees_its_blocks(smal
 
     def run_second() -> None:
         start_s = time.monotonic()
-        second["reply"] = small_pool.completion("hello", **fields)
+        second["reply"] = small_pool.completion([5] * 96, **second_fields)
         second["elapsed_s"] = time.monotonic() - start_s
 
     thread = threading.Thread(target=run_second)
@@ -76,6 +78,6 @@ def test_a_waiting_request_runs_as_soon_as_a_cancelled_one_frees_its_blocks(smal
     thread.join(timeout=QUEUE_TIMEOUT_S + 10)
     status, reply = second["reply"]
     assert status == 200, reply
-    assert reply["usage"]["completion_tokens"] == 100
+    assert reply["usage"]["completion_tokens"] == 32
     assert reply["metrics"]["queue_s"] > 0 and second["elapsed_s"] < HEARTBEAT_INTERVAL_S / 4
     small_pool.wait_all_blocks_free()

@@ -8,8 +8,11 @@ from disagg.engine.sequence import Sequence, SequenceStatus
 from disagg.kv.block_manager import BlockManager
 
 
-def make_scheduler(num_blocks: int = 64, budget: int = 32, max_seqs: int = 8) -> Scheduler:
-    return Scheduler(SchedulerConfig(max_seqs, budget), BlockManager(num_blocks, block_size=4))
+def make_scheduler(
+    num_blocks: int = 64, budget: int = 32, max_seqs: int = 8, watermark_fraction: float = 0.0
+) -> Scheduler:
+    manager = BlockManager(num_blocks, block_size=4, watermark_fraction=watermark_fraction)
+    return Scheduler(SchedulerConfig(max_seqs, budget), manager)
 
 
 def make_seq(num_tokens: int) -> Sequence:
@@ -85,3 +88,99 @@ def test_finish_and_abort_free_blocks_wherever_the_sequence_is():
     assert not scheduler.has_unfinished
     assert scheduler.block_manager.num_free_blocks == scheduler.block_manager.num_blocks
     assert partial.finish_reason == "abort" and running.finish_reason == "stop"
+
+
+def decode_one(scheduler: Scheduler, token_id: int = 3) -> list[Sequence]:
+    """A decode step as the engine runs it: the last token's K/V computed, a new token."""
+    decoded = scheduler.schedule().decode
+    for seq in decoded:
+        seq.num_computed_tokens += 1
+        seq.output_token_ids.append(token_id)
+    return decoded
+
+
+def test_a_decoding_sequence_takes_one_block_when_its_last_one_fills():
+    scheduler = make_scheduler(num_blocks=8)
+    seq = make_seq(4)  # exactly one full block
+    scheduler.add(seq)
+    run_prefill(scheduler)
+    seq.output_token_ids.append(3)
+    assert len(seq.block_table) == 1
+    decode_one(scheduler)  # computes position 4: a second block
+    assert len(seq.block_table) == 2
+    for _ in range(3):  # positions 5..7 fit the second block
+        decode_one(scheduler)
+    assert len(seq.block_table) == 2
+    decode_one(scheduler)  # position 8: a third
+    assert len(seq.block_table) == 3
+
+
+def test_preempted_sequences_resume_oldest_first_by_recomputing_every_token():
+    scheduler = make_scheduler(num_blocks=8, budget=64)
+    seqs = [make_seq(8) for _ in range(4)]  # 2 blocks each: the pool is full
+    for seq in seqs:
+        scheduler.add(seq)
+    run_prefill(scheduler)
+    for seq in seqs:
+        seq.output_token_ids.append(3)
+    s0, s1, s2, s3 = seqs
+    # position 8 needs a third block each: the youngest give theirs to the oldest
+    assert decode_one(scheduler) == [s0, s1]
+    assert list(scheduler.waiting) == [s2, s3]
+    assert scheduler.num_preemptions == 2
+    assert s3.block_table == [] and s3.num_computed_tokens == 0
+    assert s3.status == SequenceStatus.WAITING
+    assert scheduler.block_manager.num_free_blocks == 2  # s2 gave its own back
+    assert scheduler.has_preempted  # a decode worker admits nothing new meanwhile
+    assert run_prefill(scheduler) == []  # s2 needs 3 to resume
+    scheduler.finish(s0, "stop")
+    # room for s2's 9 tokens (3 blocks): prefilled again, prompt and output alike
+    chunks = run_prefill(scheduler)
+    assert [(c.seq, c.num_tokens) for c in chunks] == [(s2, 9)]
+    assert s2.status == SequenceStatus.RUNNING and s2.num_computed_tokens == 9
+    assert list(scheduler.waiting) == [s3]
+    scheduler.finish(s1, "stop")
+    assert [(c.seq, c.num_tokens) for c in run_prefill(scheduler)] == [(s3, 9)]
+    assert not scheduler.has_preempted
+
+
+def test_a_sequence_preempts_itself_when_it_is_the_only_one_that_could_give():
+    scheduler = make_scheduler(num_blocks=3, budget=64)
+    holder, seq = make_seq(4), make_seq(8)
+    scheduler.add(holder)
+    scheduler.add(seq)
+    run_prefill(scheduler)
+    scheduler.running.remove(holder)  # blocks held outside the batch (e.g. a KV handle)
+    seq.output_token_ids.append(3)
+    assert decode_one(scheduler) == []
+    assert list(scheduler.waiting) == [seq] and seq.block_table == []
+    scheduler.block_manager.release(holder)
+    assert [(c.seq, c.num_tokens) for c in run_prefill(scheduler)] == [(seq, 9)]
+
+
+def test_new_sequences_are_admitted_only_above_the_watermark_but_an_empty_pool_takes_any():
+    scheduler = make_scheduler(num_blocks=10, budget=64, watermark_fraction=0.2)  # 2 kept
+    assert scheduler.block_manager.watermark_blocks == 2
+    alone = make_seq(40)  # the whole pool
+    scheduler.add(alone)
+    assert [c.seq for c in run_prefill(scheduler)] == [alone]
+    scheduler.finish(alone, "stop")
+    first, second = make_seq(24), make_seq(8)  # 6 blocks, then 2 (8 free after the first)
+    scheduler.add(first)
+    scheduler.add(second)
+    assert [c.seq for c in run_prefill(scheduler)] == [first, second]
+    third = make_seq(4)  # 1 block would leave 1 < 2 free: waits
+    scheduler.add(third)
+    assert run_prefill(scheduler) == []
+    assert third.block_table == []
+    scheduler.finish(second, "stop")
+    assert [c.seq for c in run_prefill(scheduler)] == [third]
+
+
+def test_a_chunked_prompt_holds_all_its_blocks_from_its_first_chunk():
+    scheduler = make_scheduler(num_blocks=16, budget=8)
+    seq = make_seq(30)
+    scheduler.add(seq)
+    chunks = run_prefill(scheduler)
+    assert [c.num_tokens for c in chunks] == [8]
+    assert len(seq.block_table) == 8  # 30 tokens: decoding cannot take them meanwhile

@@ -198,13 +198,17 @@ def test_a_failing_sink_is_logged_and_the_receiver_goes_on(tmp_path: Path, sende
 
 
 def test_stop_joins_the_thread_and_removes_the_ipc_file(tmp_path: Path):
+    # NOTE: other receivers (a session-wide in-process cluster's) may be running: only threads
+    # started by this test count.
+    before = set(threading.enumerate())
     receiver = KVReceiver(f"ipc://{tmp_path}/kv.sock", CacheSink(make_cache(torch.float32)))
     assert receiver.endpoint == f"ipc://{tmp_path}/kv.sock"
     receiver.start()
     assert receiver.is_running and os.path.exists(tmp_path / "kv.sock")
     receiver.stop()
     assert not receiver.is_running and not os.path.exists(tmp_path / "kv.sock")
-    assert not any(t.name.startswith("kv-receiver") for t in threading.enumerate())
+    started = set(threading.enumerate()) - before
+    assert not any(t.name.startswith("kv-receiver") for t in started)
     receiver.stop()  # idempotent
 
 
