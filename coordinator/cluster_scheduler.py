@@ -150,13 +150,14 @@ class ClusterScheduler:
                 except WorkerError:
                     release_reason = "prefill_failed"
                     raise
+                finished = first.finish_reason is not None
                 yield first
-                if first.finish_reason:
-                    finished = True
+                if finished:
                     return
                 async for update in self._decode(decode, handle, first, trace, decode_lost):
-                    yield update
+                    # NOTE: before the yield: a consumer done at the finish closes us there
                     finished = update.finish_reason is not None
+                    yield update
             finally:
                 if finished:  # the worker freed the blocks as it finished
                     self.registry.release_blocks(decode, num_blocks)
