@@ -172,7 +172,8 @@ class ClusterScheduler:
         healthy = [w for w in self.registry.healthy("decode") if w.worker_id not in avoid]
         candidates = sorted(healthy, key=lambda w: -w.free_blocks_estimate)
         if not candidates:
-            raise WorkerError("no decode worker is registered" + (" but failed ones" * bool(avoid)))
+            left = " that this request has not seen fail" if avoid else ""
+            raise WorkerError(f"no decode worker is registered{left}")
         check_fits([w.info for w in candidates], prompt_ids, params.max_tokens)
         request = pb.AllocateRequest(
             request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling_to_proto(params)
@@ -184,6 +185,9 @@ class ClusterScheduler:
             reserved = self.registry.reserve_blocks(worker, num_tokens)
             try:
                 handle = await self._allocate_on(worker, request, reserved)
+            except grpc.aio.UsageError:  # its channel closed: it left the rotation meanwhile
+                self.registry.unreserve_blocks(worker, reserved)
+                continue
             except grpc.aio.AioRpcError as error:
                 self.registry.unreserve_blocks(worker, reserved)
                 if error.code() == grpc.StatusCode.INVALID_ARGUMENT:  # e.g. can never fit: a 400
@@ -262,6 +266,8 @@ class ClusterScheduler:
             cause = DECODE_FAILED if stop.flag is decode_lost else PREFILL_FAILED
             lost_id = stop.flag.worker_id
             raise WorkerFault(cause, lost_id, f"worker {lost_id} was lost") from None
+        except grpc.aio.UsageError:  # its channel closed: it left the rotation meanwhile
+            raise WorkerFault(PREFILL_FAILED, prefill.worker_id, "prefill worker left") from None
         except grpc.aio.AioRpcError as error:
             if not is_worker_fault(error):
                 raise invalid_request(error, "prompt") from error
@@ -320,6 +326,8 @@ class ClusterScheduler:
             cause, why = (DECODE_FAILED, "was lost") if stop.flag else (STALL, "stalled")
             message = f"decode worker {decode.worker_id} {why}"
             raise WorkerFault(cause, decode.worker_id, message) from None
+        except grpc.aio.UsageError:  # its channel closed: it left the rotation meanwhile
+            raise WorkerFault(DECODE_FAILED, decode.worker_id, "decode worker left") from None
         except grpc.aio.AioRpcError as error:
             self._drop_if_unreachable(decode, error)
             raise WorkerFault(
@@ -356,7 +364,7 @@ class ClusterScheduler:
                 pb.FreeRequest(handle_id=handle_id, reason=reason),
                 timeout=self.config.free_timeout_s,
             )
-        except grpc.aio.AioRpcError as error:
-            log.warning("Free(%s) on %s failed: %s", handle_id, decode.worker_id, error.code())
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as error:
+            log.warning("Free(%s) on %s failed: %r", handle_id, decode.worker_id, error)
             return  # the next heartbeat says what is free
         self.registry.release_blocks(decode, num_blocks)

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 KEEPALIVE_S = 5.0
 """Default keepalive ping interval on worker channels, in seconds."""
 
+CLOSE_GRACE_S = 10.0
+"""How long the channel to a worker out of rotation stays open for the calls leaving it."""
+
 ROLES_FOR = {"prefill": ("prefill", "colocated"), "decode": ("decode", "colocated")}
 
 
@@ -172,7 +175,10 @@ class WorkerRegistry:
         record = self._workers.pop(worker_id, None)
         if record is None:
             return False
-        asyncio.ensure_future(record.channel.close())
+        # NOTE: closed a while later, so that the Frees and cancellations of the requests
+        # leaving it still go out (a stopped worker that resumes gets them).
+        close = lambda: asyncio.ensure_future(record.channel.close())  # noqa: E731
+        asyncio.get_running_loop().call_later(CLOSE_GRACE_S, close)
         log.warning("worker %s %s; out of rotation", worker_id, why)
         for listener in self._lost_listeners:
             listener(worker_id)
