@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import grpc
@@ -165,7 +166,11 @@ class ClusterScheduler:
                     self._release_soon(decode, handle.handle_id, release_reason, num_blocks)
 
     async def _allocate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, avoid: set[str]
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        avoid: AbstractSet[str] = frozenset(),
     ) -> tuple[WorkerRecord, pb.KVHandle] | None:
         """Try decode workers, most free blocks first, none this request saw fail; None when
         none has room now."""
