@@ -55,7 +55,7 @@ class FakeWorker:
 
     `break_after`: the Decode stream raises UNAVAILABLE after that many tokens;
     `hang_after`: it goes silent after that many tokens; `fail_prefill`: Prefill raises
-    UNAVAILABLE. Each holds for `num_faults` calls, then the worker behaves.
+    UNAVAILABLE; `hang_prefill`: Prefill never answers. Each holds for `num_faults` calls, then the worker behaves.
     """
 
     def __init__(
@@ -64,11 +64,12 @@ class FakeWorker:
         break_after: int | None = None,
         hang_after: int | None = None,
         fail_prefill: bool = False,
+        hang_prefill: bool = False,
         num_faults: int = 1,
     ) -> None:
         self.worker_id = worker_id
         self.break_after, self.hang_after = break_after, hang_after
-        self.fail_prefill = fail_prefill
+        self.fail_prefill, self.hang_prefill = fail_prefill, hang_prefill
         self.num_faults = num_faults
         self.handles: dict[str, tuple[list[int], int]] = {}
         """handle id -> (prompt ids, max_tokens) of every live handle."""
@@ -90,6 +91,8 @@ class FakeWorker:
         await asyncio.sleep(0.001)
         if self.fail_prefill and self._take_fault():
             raise rpc_error(grpc.StatusCode.UNAVAILABLE, "Stream removed")
+        if self.hang_prefill and self._take_fault():
+            await asyncio.Event().wait()
         prompt = list(request.prompt_token_ids)
         reason = "length" if request.sampling.max_tokens == 1 else ""
         return pb.PrefillResponse(first_token_id=next_token(prompt), finish_reason=reason)

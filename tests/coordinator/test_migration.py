@@ -117,6 +117,32 @@ def test_a_failed_prefill_runs_again_on_another_prefill_worker():
     assert trace.prefill_worker == "p1"
 
 
+def test_a_hung_prefill_moves_once_its_worker_leaves_the_rotation():
+    decode = FakeWorker("d0")
+    hung, healthy = FakeWorker("p0", hang_prefill=True), FakeWorker("p1")
+
+    async def scenario():
+        scheduler = fake_cluster([decode], [hung, healthy])
+        scheduler.registry.get("p1").prompt_tokens_in_flight = 1  # p0 is picked first
+        asyncio.get_running_loop().call_later(0.2, scheduler.registry.drop, "p0", "is silent")
+        trace = RequestTrace("r")
+        return trace, await asyncio.wait_for(run(scheduler, trace), 5)
+
+    trace, updates = asyncio.run(scenario())
+    check_one_stream(updates)
+    assert trace.migrations == ["prefill_failed"] and trace.prefill_worker == "p1"
+
+
+def test_worker_channels_have_keepalive():
+    async def scenario():
+        scheduler = fake_cluster([FakeWorker("d0")], [], keepalive_s=2.5)
+        return dict(scheduler.registry.channel_options)
+
+    options = asyncio.run(scenario())
+    assert options["grpc.keepalive_time_ms"] == 2500
+    assert options["grpc.keepalive_timeout_ms"] == 2500
+
+
 def test_with_no_prefill_worker_left_the_decode_worker_prefills_in_place():
     decode, failing = FakeWorker("d0"), FakeWorker("p0", fail_prefill=True)
 
