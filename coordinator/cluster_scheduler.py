@@ -18,13 +18,27 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import grpc
 
 from coordinator.admission import Admission
 from coordinator.errors import WorkerError
-from coordinator.registry import WorkerRecord, WorkerRegistry
+from coordinator.migration import (
+    DECODE_FAILED,
+    PREFILL_FAILED,
+    STALL,
+    Interrupted,
+    LostFlag,
+    LostWatch,
+    WorkerFault,
+    first_of,
+    is_worker_fault,
+    next_or_none,
+    resumed_params,
+)
+from coordinator.registry import WorkerRecord, WorkerRegistry, keepalive_options
 from coordinator.request_timing import RequestTrace
 from disagg.config import DispatchConfig
 from disagg.engine.sampling_params import SamplingParams
@@ -59,6 +73,9 @@ class ClusterScheduler:
         self.admission = admission
         self.config = config
         self._cleanups: set[asyncio.Task] = set()
+        self._lost = LostWatch()
+        registry.on_lost(self._lost.lost)
+        registry.channel_options = keepalive_options(config.keepalive_s)
 
     def check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Refuse (400) a request no registered decode worker could ever hold, checked against
@@ -72,41 +89,99 @@ class ClusterScheduler:
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, trace: RequestTrace
     ) -> AsyncIterator[TokenUpdate]:
-        """Yield every token; closing the iterator early cancels the request and frees its KV."""
-        (decode, handle), trace.queue_s = await self.admission.admit(
-            lambda: self._allocate(trace.request_id, prompt_ids, params)
+        """Yield every token; closing the iterator early cancels the request and frees its KV.
+
+        A worker fault moves the sequence to another worker (coordinator/migration.py), up to
+        `max_migrations` times; the tokens continue where they stopped, then a WorkerError.
+        """
+        produced: list[int] = []
+        avoid: set[str] = set()
+        fault: WorkerFault | None = None
+        while True:
+            attempt = self._attempt(
+                prompt_ids + produced, resumed_params(params, len(produced)), trace, avoid
+            )
+            try:
+                async for update in attempt:
+                    if fault is not None:
+                        trace.recovery_s.append(time.monotonic() - fault.detected_s)
+                        fault = None
+                    produced.append(update.token_id)
+                    yield update
+                    if update.finish_reason:
+                        return
+                return
+            except WorkerFault as error:
+                self._note_fault(error, trace, avoid, len(produced))
+                fault = fault or error  # NOTE: recovery counts from the first fault
+            finally:
+                await attempt.aclose()
+
+    def _note_fault(
+        self, fault: WorkerFault, trace: RequestTrace, avoid: set[str], num_produced: int
+    ) -> None:
+        """Count the fault as a migration, or give up once the request had its share."""
+        if len(trace.migrations) >= self.config.max_migrations:
+            raise WorkerError(
+                f"{fault} (after {len(trace.migrations)} migrations, giving up)"
+            ) from fault
+        trace.migrations.append(fault.cause)
+        avoid.add(fault.worker_id)
+        log.warning(
+            "request %s: %s; migrating after %d tokens (%s)",
+            trace.request_id, fault, num_produced, fault.cause,
+        )  # fmt: skip
+
+    async def _attempt(
+        self, prompt_ids: list[int], params: SamplingParams, trace: RequestTrace, avoid: set[str]
+    ) -> AsyncIterator[TokenUpdate]:
+        """One placement of the sequence: allocate, prefill, decode; WorkerFault on a fault."""
+        (decode, handle), queue_s = await self.admission.admit(
+            lambda: self._allocate(trace.request_id, prompt_ids, params, avoid)
         )
+        trace.queue_s += queue_s
         trace.decode_worker = decode.worker_id
         num_blocks = self.registry.blocks_for(
             decode, initial_num_tokens(len(prompt_ids), params.max_tokens)
         )
         finished, release_reason = False, "cancelled"
-        try:
+        with self._lost.watching(decode.worker_id) as decode_lost:
             try:
-                first = await self._prefill(decode, handle, prompt_ids, params, trace)
-            except WorkerError:
-                release_reason = "prefill_failed"
-                raise
-            yield first
-            if first.finish_reason:
-                finished = True
-                return
-            async for update in self._decode(decode, handle, first, params, trace):
-                yield update
-                finished = update.finish_reason is not None
-        finally:
-            if finished:  # the worker freed the blocks as it finished
-                self.registry.release_blocks(decode, num_blocks)
-            else:
-                self._release_soon(decode, handle.handle_id, release_reason, num_blocks)
+                try:
+                    first = await self._prefill(
+                        decode, handle, prompt_ids, params, trace, avoid, decode_lost
+                    )
+                except WorkerError:
+                    release_reason = "prefill_failed"
+                    raise
+                finished = first.finish_reason is not None
+                yield first
+                if finished:
+                    return
+                async for update in self._decode(decode, handle, first, trace, decode_lost):
+                    # NOTE: before the yield: a consumer done at the finish closes us there
+                    finished = update.finish_reason is not None
+                    yield update
+            finally:
+                if finished:  # the worker freed the blocks as it finished
+                    self.registry.release_blocks(decode, num_blocks)
+                else:
+                    self._release_soon(decode, handle.handle_id, release_reason, num_blocks)
 
     async def _allocate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        avoid: AbstractSet[str] = frozenset(),
     ) -> tuple[WorkerRecord, pb.KVHandle] | None:
-        """Try decode workers, most free blocks first; None when none has room now."""
-        candidates = sorted(self.registry.healthy("decode"), key=lambda w: -w.free_blocks_estimate)
+        """Try decode workers, most free blocks first, none this request saw fail; None when
+        none has room now."""
+        healthy = [w for w in self.registry.healthy("decode") if w.worker_id not in avoid]
+        candidates = sorted(healthy, key=lambda w: -w.free_blocks_estimate)
         if not candidates:
-            raise WorkerError("no decode worker is registered")
+            left = " that this request has not seen fail" if avoid else ""
+            raise WorkerError(f"no decode worker is registered{left}")
         check_fits([w.info for w in candidates], prompt_ids, params.max_tokens)
         request = pb.AllocateRequest(
             request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling_to_proto(params)
@@ -119,12 +194,16 @@ class ClusterScheduler:
             reserved = self.registry.reserve_blocks(worker, num_tokens)
             try:
                 handle = await self._allocate_on(worker, request, reserved)
+            except grpc.aio.UsageError:  # its channel closed: it left the rotation meanwhile
+                self.registry.unreserve_blocks(worker, reserved)
+                continue
             except grpc.aio.AioRpcError as error:
                 self.registry.unreserve_blocks(worker, reserved)
                 if error.code() == grpc.StatusCode.INVALID_ARGUMENT:  # e.g. can never fit: a 400
                     raise invalid_request(error, "prompt") from error
                 if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     log.warning("Allocate on %s failed: %s", worker.worker_id, error.code())
+                    self._drop_if_unreachable(worker, error)
                 elif worker.free_blocks_estimate >= reserved:
                     self.admission.notify_later(FREEING_RETRY_S)  # NOTE: see FREEING_RETRY_S
                 continue
@@ -155,12 +234,18 @@ class ClusterScheduler:
         else:
             self.registry.unreserve_blocks(worker, num_blocks)
 
-    def _pick_prefill(self, decode: WorkerRecord) -> WorkerRecord:
+    def _pick_prefill(self, decode: WorkerRecord, avoid: set[str]) -> WorkerRecord:
+        """The prefill worker with the fewest prompt tokens in flight; the decode worker itself
+        (in place, as the colocated role does) when it is colocated or no other is left."""
         if decode.info.role == "colocated":
             return decode
-        candidates = [w for w in self.registry.healthy("prefill") if w.info.role == "prefill"]
+        candidates = [
+            w
+            for w in self.registry.healthy("prefill")
+            if w.info.role == "prefill" and w.worker_id not in avoid
+        ]
         if not candidates:
-            raise WorkerError("no prefill worker is registered")
+            return decode
         return min(candidates, key=lambda w: w.prompt_tokens_in_flight)
 
     async def _prefill(
@@ -170,8 +255,10 @@ class ClusterScheduler:
         prompt_ids: list[int],
         params: SamplingParams,
         trace: RequestTrace,
+        avoid: set[str],
+        decode_lost: LostFlag,
     ) -> TokenUpdate:
-        prefill = self._pick_prefill(decode)
+        prefill = self._pick_prefill(decode, avoid)
         trace.prefill_worker = prefill.worker_id
         request = pb.PrefillRequest(
             request_id=trace.request_id,
@@ -181,42 +268,59 @@ class ClusterScheduler:
         )
         self.registry.start_prefill(prefill, len(prompt_ids))
         try:
-            reply = await prefill.prefill.Prefill(request, timeout=self.config.prefill_timeout_s)
+            with self._lost.watching(prefill.worker_id) as prefill_lost:
+                call = prefill.prefill.Prefill(request, timeout=self.config.prefill_timeout_s)
+                reply = await first_of(call, [prefill_lost, decode_lost], None)
+        except Interrupted as stop:
+            cause = DECODE_FAILED if stop.flag is decode_lost else PREFILL_FAILED
+            lost_id = stop.flag.worker_id
+            raise WorkerFault(cause, lost_id, f"worker {lost_id} was lost") from None
+        except grpc.aio.UsageError:  # its channel closed: it left the rotation meanwhile
+            raise WorkerFault(PREFILL_FAILED, prefill.worker_id, "prefill worker left") from None
         except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            if not is_worker_fault(error):
                 raise invalid_request(error, "prompt") from error
-            raise WorkerError(
-                f"prefill worker {prefill.worker_id} failed: {error.details()}"
+            self._drop_if_unreachable(prefill, error)
+            # NOTE: a prefill that failed for its decode worker's loss is the decode's fault
+            blamed = decode if self.registry.get(decode.worker_id) is None else prefill
+            cause = DECODE_FAILED if blamed is decode else PREFILL_FAILED
+            raise WorkerFault(
+                cause, blamed.worker_id, f"prefill on {prefill.worker_id} failed: {error.details()}"
             ) from error
         finally:
             self.registry.end_prefill(prefill, len(prompt_ids))
-        trace.first_token_s = time.time()
-        trace.token_times_s.append(trace.first_token_s)
-        trace.prefill_queue_s = reply.queue_s
-        trace.prefill_s, trace.kv_transfer_s = reply.prefill_s, reply.transfer_s
-        trace.kv_bytes = reply.kv_bytes
+        now_s = time.time()
+        trace.token_times_s.append(now_s)
+        if trace.first_token_s is None:
+            trace.first_token_s = now_s
+            trace.prefill_queue_s = reply.queue_s
+            trace.prefill_s, trace.kv_transfer_s = reply.prefill_s, reply.transfer_s
+        trace.kv_bytes += reply.kv_bytes
         logprob = optional_logprob(reply, "first_logprob", reply.first_token_id)
-        return TokenUpdate(
-            reply.first_token_id, trace.first_token_s, logprob, reply.finish_reason or None
-        )
+        return TokenUpdate(reply.first_token_id, now_s, logprob, reply.finish_reason or None)
 
     async def _decode(
         self,
         decode: WorkerRecord,
         handle: pb.KVHandle,
         first: TokenUpdate,
-        params: SamplingParams,
         trace: RequestTrace,
+        decode_lost: LostFlag,
     ) -> AsyncIterator[TokenUpdate]:
+        """The decode stream's tokens; WorkerFault if it fails, ends unfinished, goes
+        `stall_timeout_s` without a token, or its worker leaves the rotation."""
         request = pb.DecodeRequest(handle_id=handle.handle_id, first_token_id=first.token_id)
         stream = decode.decode.Decode(request, timeout=self.config.decode_timeout_s)
+        stall_s = self.config.stall_timeout_s
         offset_s: float | None = None
+        events = aiter(stream)
         try:
-            async for event in stream:
-                if not event.HasField("token_id"):
-                    reason = event.finish_reason
-                    raise WorkerError(
-                        f"decode worker {decode.worker_id} ended the request: {reason}"
+            while True:
+                event = await first_of(next_or_none(events), [decode_lost], stall_s)
+                if event is None or not event.HasField("token_id"):
+                    reason = "end of stream" if event is None else event.finish_reason
+                    raise WorkerFault(
+                        DECODE_FAILED, decode.worker_id, f"decode on {decode.worker_id}: {reason}"
                     )
                 if offset_s is None:  # NOTE: one clock: the first gap is ours end to end
                     offset_s = time.time() - event.time_unix_s
@@ -227,12 +331,24 @@ class ClusterScheduler:
                 )
                 if event.finish_reason:
                     return
+        except Interrupted as stop:
+            cause, why = (DECODE_FAILED, "was lost") if stop.flag else (STALL, "stalled")
+            message = f"decode worker {decode.worker_id} {why}"
+            raise WorkerFault(cause, decode.worker_id, message) from None
+        except grpc.aio.UsageError:  # its channel closed: it left the rotation meanwhile
+            raise WorkerFault(DECODE_FAILED, decode.worker_id, "decode worker left") from None
         except grpc.aio.AioRpcError as error:
-            raise WorkerError(
-                f"decode worker {decode.worker_id} failed: {error.details()}"
+            self._drop_if_unreachable(decode, error)
+            raise WorkerFault(
+                DECODE_FAILED, decode.worker_id, f"decode on {decode.worker_id}: {error.details()}"
             ) from error
         finally:
             stream.cancel()
+
+    def _drop_if_unreachable(self, worker: WorkerRecord, error: grpc.aio.AioRpcError) -> None:
+        """UNAVAILABLE: the worker is gone or cut off; out of rotation now, not a sweep later."""
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            self.registry.drop(worker.worker_id, f"is unreachable ({error.details()})")
 
     def _release_soon(
         self, decode: WorkerRecord, handle_id: str, reason: str, num_blocks: int
@@ -257,7 +373,7 @@ class ClusterScheduler:
                 pb.FreeRequest(handle_id=handle_id, reason=reason),
                 timeout=self.config.free_timeout_s,
             )
-        except grpc.aio.AioRpcError as error:
-            log.warning("Free(%s) on %s failed: %s", handle_id, decode.worker_id, error.code())
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as error:
+            log.warning("Free(%s) on %s failed: %r", handle_id, decode.worker_id, error)
             return  # the next heartbeat says what is free
         self.registry.release_blocks(decode, num_blocks)

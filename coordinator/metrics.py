@@ -58,6 +58,20 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.migrations = Counter(
+            "disagg_migrations",
+            "Requests moved to another worker after a fault, by cause "
+            "(prefill_failed, decode_failed, stall).",
+            ["model", "cause"],
+            registry=self.registry,
+        )
+        self.recovery = Histogram(
+            "disagg_recovery_seconds",
+            "From a worker fault's detection to the next token of the migrated request.",
+            ["model"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
         worker_labels = ["model", "worker", "role"]
         self.blocks_used = Gauge(
             "disagg_kv_blocks_used", "KV blocks in use.", worker_labels, registry=self.registry
@@ -89,11 +103,16 @@ class Metrics:
             self.kv_bytes.labels(**labels).inc(trace.kv_bytes)
         for gap in trace.tbt_s:
             self.tbt.labels(**labels).observe(gap)
+        for cause in trace.migrations:
+            self.migrations.labels(model=self.model, cause=cause).inc()
+        for recovery_s in trace.recovery_s:
+            self.recovery.labels(model=self.model).observe(recovery_s)
         log.info(json.dumps({
             "request_id": trace.request_id, "tenant": tenant, "status": status,
             "prompt_tokens": num_prompt, "completion_tokens": num_generated,
             "ttft_s": trace.ttft_s, "mean_tbt_s": trace.mean_tbt_s, "e2e_s": e2e_s,
             "prefill_worker": trace.prefill_worker, "decode_worker": trace.decode_worker,
+            "migrations": len(trace.migrations),
         }))  # fmt: skip
 
     def render(self, workers: WorkerRegistry, running: int, waiting: int) -> bytes:

@@ -1,7 +1,9 @@
 """Which workers exist and how loaded they are: fed by Register and Heartbeat.
 
-A worker that misses heartbeats for `heartbeat_timeout_s` is taken out of
-rotation (and forgotten; it registers again if it comes back).
+A worker that misses heartbeats for `heartbeat_timeout_s`, or that a call found
+unreachable (gRPC UNAVAILABLE), is taken out of rotation at once (and forgotten; it
+registers again if it comes back), and `on_lost` listeners hear of it, so the
+requests in flight there move elsewhere instead of waiting on a dead worker.
 
 The registry is the only writer of worker records. Between heartbeats it keeps
 the load estimate current itself: blocks the coordinator allocated since the last
@@ -25,7 +27,25 @@ from disagg.rpc import control_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+KEEPALIVE_S = 5.0
+"""Default keepalive ping interval on worker channels, in seconds."""
+
+CLOSE_GRACE_S = 10.0
+"""How long the channel to a worker out of rotation stays open for the calls leaving it."""
+
 ROLES_FOR = {"prefill": ("prefill", "colocated"), "decode": ("decode", "colocated")}
+
+
+def keepalive_options(interval_s: float) -> list[tuple[str, int]]:
+    """gRPC channel options that ping an idle or busy connection every `interval_s` and fail
+    its calls when a ping goes unanswered for as long (a stopped or unplugged worker)."""
+    interval_ms = max(1, int(interval_s * 1000))
+    return [
+        ("grpc.keepalive_time_ms", interval_ms),
+        ("grpc.keepalive_timeout_ms", interval_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
 
 
 @dataclass
@@ -66,6 +86,14 @@ class WorkerRegistry:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._workers: dict[str, WorkerRecord] = {}
         self._listeners: list[Callable[[], None]] = []
+        self._lost_listeners: list[Callable[[str], None]] = []
+        self.channel_options: list[tuple[str, int]] = keepalive_options(KEEPALIVE_S)
+        """Options of every channel to a worker (keepalive: a silent peer is noticed)."""
+
+    def on_lost(self, listener: Callable[[str], None]) -> None:
+        """Called with a worker's id when it leaves the rotation for missed heartbeats or
+        for being unreachable (not when it re-registers)."""
+        self._lost_listeners.append(listener)
 
     def on_change(self, listener: Callable[[], None]) -> None:
         """Called whenever capacity may have grown (a worker joined or reported free blocks)."""
@@ -75,7 +103,7 @@ class WorkerRegistry:
         old = self._workers.pop(info.worker_id, None)
         if old is not None:
             asyncio.ensure_future(old.channel.close())
-        channel = grpc.aio.insecure_channel(info.address)
+        channel = grpc.aio.insecure_channel(info.address, options=self.channel_options)
         self._workers[info.worker_id] = WorkerRecord(
             info, channel, time.monotonic(), free_kv_blocks=info.total_kv_blocks
         )
@@ -142,10 +170,22 @@ class WorkerRegistry:
             if now_s - w.last_seen_s > self.heartbeat_timeout_s
         ]
         for worker_id in stale:
-            record = self._workers.pop(worker_id)
-            asyncio.ensure_future(record.channel.close())
-            log.warning("worker %s missed its heartbeats; out of rotation", worker_id)
+            self.drop(worker_id, "missed its heartbeats")
         return stale
+
+    def drop(self, worker_id: str, why: str) -> bool:
+        """Take a worker out of rotation now; False if it was not in it."""
+        record = self._workers.pop(worker_id, None)
+        if record is None:
+            return False
+        # NOTE: closed a while later, so that the Frees and cancellations of the requests
+        # leaving it still go out (a stopped worker that resumes gets them).
+        close = lambda: asyncio.ensure_future(record.channel.close())  # noqa: E731
+        asyncio.get_running_loop().call_later(CLOSE_GRACE_S, close)
+        log.warning("worker %s %s; out of rotation", worker_id, why)
+        for listener in self._lost_listeners:
+            listener(worker_id)
+        return True
 
     async def run_sweeper(self) -> None:
         while True:

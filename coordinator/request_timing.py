@@ -28,6 +28,10 @@ class RequestTrace:
     token_times_s: list[float] = field(default_factory=list)
     prefill_worker: str = ""
     decode_worker: str = ""
+    migrations: list[str] = field(default_factory=list)
+    """The cause of each move to another worker after a fault (see coordinator/migration.py)."""
+    recovery_s: list[float] = field(default_factory=list)
+    """Seconds from each fault's detection to the next token the client got."""
 
     @property
     def ttft_s(self) -> float | None:
@@ -57,6 +61,7 @@ def timings(trace: RequestTrace) -> dict:
         "kv_bytes": trace.kv_bytes,
         "prefill_worker": trace.prefill_worker,
         "decode_worker": trace.decode_worker,
+        "migrations": len(trace.migrations),
         "e2e_s": time.time() - trace.arrival_s,
     }
 
@@ -65,7 +70,8 @@ def merged_timings(traces: Sequence[RequestTrace]) -> dict[str, float | int | st
     """A batch's timings as flat scalars (what KServe parameters can hold).
 
     The response is as slow as its slowest prompt, so each time is the maximum;
-    `kv_bytes` is the sum and the worker names are the distinct ones, comma-separated.
+    `kv_bytes` and `migrations` are sums and the worker names are the distinct ones,
+    comma-separated.
     """
     rows = [timings(trace) for trace in traces]
     merged: dict[str, float | int | str] = {}
@@ -73,7 +79,7 @@ def merged_timings(traces: Sequence[RequestTrace]) -> dict[str, float | int | st
         values = [row[key] for row in rows if row[key] not in (None, "")]
         if not values:
             continue
-        if key == "kv_bytes":
+        if key in ("kv_bytes", "migrations"):
             merged[key] = sum(values)
         elif isinstance(values[0], str):
             merged[key] = ",".join(sorted(set(values)))

@@ -56,9 +56,10 @@ async def run(
 
     def add_services(server) -> None:
         pb_grpc.add_DecodeWorkerServicer_to_server(service, server)
-        if decode.colocated:
-            prefill = ColocatedPrefillService(table, loop)
-            pb_grpc.add_PrefillWorkerServicer_to_server(prefill, server)
+        # NOTE: a plain decode worker prefills its own handles too, so a request whose
+        # prefill workers all failed still runs (the coordinator's last resort).
+        prefill = ColocatedPrefillService(table, loop)
+        pb_grpc.add_PrefillWorkerServicer_to_server(prefill, server)
 
     def status() -> pb.HeartbeatRequest:
         return pb.HeartbeatRequest(

@@ -138,11 +138,20 @@ class DispatchConfig:
     """Deadline of a whole Decode stream, in seconds."""
     free_timeout_s: float = 5.0
     """Deadline of a Free call, in seconds."""
+    stall_timeout_s: float = 10.0
+    """A decode stream silent this many seconds is cancelled and its sequence migrated."""
+    max_migrations: int = 2
+    """Times one request may move to another worker after a fault before it fails."""
+    keepalive_s: float = 5.0
+    """gRPC keepalive ping interval on the channels to workers, in seconds."""
 
     def __post_init__(self) -> None:
         for name in ("allocate_timeout_s", "prefill_timeout_s", "decode_timeout_s"):
             require(getattr(self, name) > 0, name, "must be > 0")
         require(self.free_timeout_s > 0, "free_timeout_s", "must be > 0")
+        require(self.stall_timeout_s > 0, "stall_timeout_s", "must be > 0")
+        require(self.max_migrations >= 0, "max_migrations", "must be >= 0")
+        require(self.keepalive_s > 0, "keepalive_s", "must be > 0")
 
 
 @dataclass(frozen=True)

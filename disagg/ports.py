@@ -17,8 +17,15 @@ import grpc
 
 from disagg.errors import DisaggError
 
-GRPC_SERVER_OPTIONS: list[tuple[str, int]] = [("grpc.so_reuseport", 0)]
-"""Options for every `grpc.aio.server(...)`: the port is ours alone."""
+GRPC_SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+"""Options for every `grpc.aio.server(...)`: the port is ours alone, and the coordinator's
+keepalive pings (every few seconds, also during a long silent Prefill) are welcome rather
+than answered with GOAWAY "too_many_pings", which would fail the calls in flight."""
 
 
 class PortInUseError(DisaggError):

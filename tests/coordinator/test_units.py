@@ -285,7 +285,7 @@ def test_a_failed_prefill_frees_its_handle_once_and_counts_its_blocks_back_once(
         decode = DecodeWorker()
         registry.get("d").decode = decode
         registry.get("p").prefill = FailingPrefillWorker()
-        scheduler = ClusterScheduler(registry, Admission(), DispatchConfig())
+        scheduler = ClusterScheduler(registry, Admission(), DispatchConfig(max_migrations=0))
         tokens = scheduler.generate([1, 2, 3], SamplingParams(max_tokens=4), RequestTrace("r"))
         with pytest.raises(WorkerError, match="gone"):
             await anext(tokens)
