@@ -155,6 +155,8 @@ class ClusterScheduler:
                     release_reason = "prefill_failed"
                     raise
                 finished = first.finish_reason is not None
+                if finished:  # NOTE: the decode worker never hears of it: free the handle now
+                    release_reason = "finished"
                 yield first
                 if finished:
                     return
@@ -163,7 +165,7 @@ class ClusterScheduler:
                     finished = update.finish_reason is not None
                     yield update
             finally:
-                if finished:  # the worker freed the blocks as it finished
+                if finished and release_reason != "finished":  # the worker freed them itself
                     self.registry.release_blocks(decode, num_blocks)
                 else:
                     self._release_soon(decode, handle.handle_id, release_reason, num_blocks)
