@@ -13,17 +13,7 @@ def cluster(inprocess_cluster):
     return inprocess_cluster
 
 
-@pytest.mark.parametrize(
-    ("body", "param"),
-    [
-        ({"prompt": ""}, "prompt"),
-        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
-        ({"prompt": "hi", "temperature": -1}, "temperature"),
-        ({"prompt": "hi", "top_p": 1.5}, "top_p"),
-        ({"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
-        ({"prompt": 42}, "prompt"),
-    ],
-)
+@pytest.mark.parametrize(("body", "param"), real.BAD_REQUESTS)
 def test_bad_requests_get_openai_errors_and_leak_nothing(cluster, body, param):
     real.test_bad_requests_get_openai_errors_and_leak_nothing(cluster, body, param)
 
