@@ -94,7 +94,10 @@ class LlamaModel:
         self.embed_tokens = inner.embed_tokens.weight
         self.rotary = inner.rotary_emb
         self.final_norm = inner.norm.weight
-        self.lm_head = Projection([hf_model.lm_head], prepack=None if fast else False)
+        tied = hf_model.lm_head.weight is inner.embed_tokens.weight
+        self.lm_head = Projection(
+            [hf_model.lm_head], prepack=None if fast else False, repoint=not tied
+        )
         self.dtype = self.embed_tokens.dtype
         self.device = self.embed_tokens.device
         self.fast = fast

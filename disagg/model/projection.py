@@ -1,15 +1,23 @@
 """Projections that read the same input, laid out once as one matmul.
 
-Q/K/V and gate/up each become a single weight `[sum(out), in]`, concatenated
-at load, so a step runs one matmul (one pass over the input, one call into the
-BLAS) where transformers runs two or three. The transformers modules' weights
-are re-pointed at row slices of the fused tensor, so nothing is held twice and
-the original model still computes exactly as before.
+Q/K/V and gate/up each become a single weight, concatenated at load, so a step
+runs one matmul (one pass over the input, one call into the BLAS) where
+transformers runs two or three. The transformers modules' weights are
+re-pointed at views of the fused tensor, so nothing is held twice and the
+original model still computes exactly as before.
 
-On CPUs that compute bfloat16 natively (avx512_bf16 / AMX) a bfloat16 weight is
-also reordered once into oneDNN's blocked layout (`mkldnn._reorder_linear_weight`),
-which skips the per-call reorder `F.linear` pays; everywhere else, CUDA included,
-the projection is a plain `F.linear` (cuBLAS on GPU, MKL/oneDNN on CPU).
+Which kernel runs depends on the device, the dtype and the rows in the call,
+each choice measured (`python -m bench engine --parts kernels`):
+- float32 on CPU, one or two rows (decode of a small batch): the weight is kept
+  input-major (`[in, out]`, contiguous) and multiplied with `torch.mm`. MKL's
+  sgemm reads that layout at ~20 GB/s where `F.linear` (`[out, in]`, transposed
+  operand) reaches ~13 GB/s on a 2-core avx2 EPYC: the LM head alone went from
+  8.4 to 4.7 ms per token.
+- more rows, and bfloat16 on CPUs that compute it natively (avx512_bf16 / AMX):
+  the weight is also reordered once into oneDNN's blocked layout
+  (`mkldnn._reorder_linear_weight`), which skips the per-call reorder
+  `F.linear` pays; for float32 at 4–64 rows it was 1.1–2× faster than MKL.
+- everywhere else, CUDA included: a plain `F.linear` (cuBLAS on GPU).
 """
 
 from __future__ import annotations
@@ -22,15 +30,22 @@ from disagg.model.device import cpu_has_native_bf16
 PREPACK_BATCH_HINT = 16
 """Batch size oneDNN tunes the packed layout for; any batch size works with it."""
 
+GEMV_MAX_ROWS = 2
+"""Calls with at most this many rows use the input-major layout (float32 on CPU)."""
+
 
 def can_prepack(weight: torch.Tensor) -> bool:
     """True where a oneDNN-packed weight is the fastest linear torch offers."""
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.bfloat16
-        and torch.backends.mkldnn.is_available()
-        and cpu_has_native_bf16()
-    )
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.float32:
+        return True
+    return weight.dtype == torch.bfloat16 and cpu_has_native_bf16()
+
+
+def wants_input_major(weight: torch.Tensor) -> bool:
+    """True where `torch.mm` over an `[in, out]` weight beats `F.linear` for a few rows."""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
 class Projection:
@@ -38,27 +53,39 @@ class Projection:
 
     `fused=True`: one matmul over the concatenated weight, the outputs split
     after (views, no copy). `fused=False`: one matmul per linear, as
-    transformers runs them (kept as the measured baseline).
+    transformers runs them (kept as the measured baseline). `prepack`: None
+    chooses per device and dtype; False keeps the plain `F.linear` layout only.
+    `repoint=False` leaves the linears' own weights alone (a weight tied to the
+    embedding table must stay row-major for the lookup).
     """
 
     def __init__(
-        self, linears: list[torch.nn.Linear], fused: bool = True, prepack: bool | None = None
+        self,
+        linears: list[torch.nn.Linear],
+        fused: bool = True,
+        prepack: bool | None = None,
+        repoint: bool = True,
     ) -> None:
         self.split_sizes = [linear.out_features for linear in linears]
         self.fused = fused or len(linears) == 1
+        self.weight_t: torch.Tensor | None = None
+        self.packed: torch.Tensor | None = None
         if not self.fused:
-            self.parts = [(linear.weight, linear.bias) for linear in linears]
-            self.packed = None
+            self.parts = [(linear.weight.detach(), linear.bias) for linear in linears]
             return
-        self.weight = _fused_weight(linears)
         self.bias = _fused_bias(linears)
+        plain = prepack is False
+        if not plain and wants_input_major(linears[0].weight):
+            self.weight_t = _input_major_weight(linears, repoint)
+            self.weight = self.weight_t.t()
+        else:
+            self.weight = _fused_weight(linears)
         if prepack is None:
             prepack = can_prepack(self.weight)
-        self.packed = (
-            torch.ops.mkldnn._reorder_linear_weight(self.weight, PREPACK_BATCH_HINT)
-            if prepack
-            else None
-        )
+        if prepack:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(
+                self.weight.contiguous(), PREPACK_BATCH_HINT
+            )
 
     @property
     def out_features(self) -> int:
@@ -69,13 +96,19 @@ class Projection:
         """x: [T, in] -> [T, out] for one linear, else a tuple of [T, out_i] views."""
         if not self.fused:
             return tuple(F.linear(x, weight, bias) for weight, bias in self.parts)
-        if self.packed is not None:
-            out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        else:
-            out = F.linear(x, self.weight, self.bias)
+        out = self._matmul(x)
         if len(self.split_sizes) == 1:
             return out
         return out.split(self.split_sizes, dim=-1)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_t is not None and x.shape[0] <= GEMV_MAX_ROWS:
+            if self.bias is None:
+                return torch.mm(x, self.weight_t)
+            return torch.addmm(self.bias, x, self.weight_t)
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
 
 def _fused_weight(linears: list[torch.nn.Linear]) -> torch.Tensor:
@@ -83,12 +116,26 @@ def _fused_weight(linears: list[torch.nn.Linear]) -> torch.Tensor:
     if len(linears) == 1:
         return linears[0].weight.detach()
     fused = torch.cat([linear.weight.detach() for linear in linears]).contiguous()
+    _repoint(linears, fused)
+    return fused
+
+
+def _input_major_weight(linears: list[torch.nn.Linear], repoint: bool) -> torch.Tensor:
+    """[in, sum(out)], contiguous; with `repoint` each linear's weight becomes a
+    (column) view of it, so the original layout is not kept twice."""
+    weight_t = torch.cat([linear.weight.detach() for linear in linears]).t().contiguous()
+    if repoint:
+        _repoint(linears, weight_t.t())
+    return weight_t
+
+
+def _repoint(linears: list[torch.nn.Linear], fused: torch.Tensor) -> None:
+    """fused: [sum(out), in]; each linear's weight becomes the view of its rows."""
     start = 0
     for linear in linears:
         end = start + linear.out_features
         linear.weight.data = fused[start:end]
         start = end
-    return fused
 
 
 def _fused_bias(linears: list[torch.nn.Linear]) -> torch.Tensor | None:
