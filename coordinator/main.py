@@ -23,7 +23,7 @@ from disagg.config import CoordinatorConfig, DispatchConfig
 from disagg.model.loader import load_model_info
 from disagg.ports import add_grpc_port, bind_tcp, grpc_server
 from disagg.rpc import control_pb2_grpc as pb_grpc
-from disagg.rpc.cluster_secret import ClusterSecretInterceptor
+from disagg.rpc.cluster_secret import server_interceptors
 from disagg.rpc.health import INFERENCE_SERVICE, REGISTRY_SERVICE, ServerHealth
 
 log = logging.getLogger(__name__)
@@ -45,15 +45,16 @@ async def run(config: CoordinatorConfig, dispatch: DispatchConfig | None = None)
     tracing.setup("disagg-coordinator")
     # NOTE: every port is taken before the model loads, so a second cluster fails at once.
     http_socket = bind_tcp(config.host, config.http_port, "--http-port")
-    secret = config.cluster_secret
-    control = grpc_server([ClusterSecretInterceptor(secret)] if secret else None)
+    control = grpc_server(server_interceptors(config.cluster_secret))
     add_grpc_port(control, config.host, config.control_port, "--control-port")
     inference = grpc_server()
     add_grpc_port(inference, config.host, config.grpc_port, "--grpc-port")
     api_keys = ApiKeys.from_config(config)  # a bad key file fails before the model loads
     model = load_model_info(config.model)
     served_name = config.served_model_name or model.name
-    registry = WorkerRegistry(config.heartbeat_interval_s, config.heartbeat_timeout_s)
+    registry = WorkerRegistry(
+        config.heartbeat_interval_s, config.heartbeat_timeout_s, config.cluster_secret
+    )
     admission = Admission(config.max_waiting, config.queue_timeout_s)
     registry.on_change(admission.notify)
     scheduler = ClusterScheduler(registry, admission, dispatch or DispatchConfig())

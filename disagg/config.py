@@ -103,7 +103,7 @@ class WorkerConfig:
     """torch intra-op threads; 0 leaves torch's default."""
     # NOTE: best given as DISAGG_CLUSTER_SECRET, off the command line (`disagg serve` makes one).
     cluster_secret: str = ""
-    """The coordinator's cluster secret, sent with every registry call."""
+    """Sent to register, required on every call to this worker, and the key of KV frames' MAC."""
 
     def __post_init__(self) -> None:
         require(":" in self.coordinator, "coordinator", f"must be HOST:PORT: {self.coordinator!r}")
@@ -185,7 +185,7 @@ class CoordinatorConfig:
 
     # NOTE: best given as DISAGG_CLUSTER_SECRET, off the command line.
     cluster_secret: str = ""
-    """Workers must present it to register or heartbeat; empty lets anyone join."""
+    """Shared with the workers: every control call and KV frame must carry it; empty: none."""
     tenant_max_concurrent: int = 0
     """API requests one tenant may have running at once (more get 429); 0 is no limit."""
     # NOTE: bursts of up to a second's worth pass; more get 429 with Retry-After.

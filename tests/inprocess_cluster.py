@@ -149,7 +149,12 @@ class InProcessCluster:
         from prefill_worker import main as prefill_main
 
         engine = EngineConfig(**self._engine)
-        workers = dict(coordinator=f"127.0.0.1:{self.control_port}", host="127.0.0.1", threads=1)
+        workers = dict(
+            coordinator=f"127.0.0.1:{self.control_port}",
+            host="127.0.0.1",
+            threads=1,
+            cluster_secret=self._coordinator.get("cluster_secret", ""),
+        )
         return [
             coordinator_main.run(CoordinatorConfig(**self._coordinator)),
             prefill_main.run(engine, WorkerConfig(worker_id="prefill-0", **workers)),
