@@ -186,6 +186,13 @@ class CoordinatorConfig:
     # NOTE: best given as DISAGG_CLUSTER_SECRET, off the command line.
     cluster_secret: str = ""
     """Shared with the workers: every control call and KV frame must carry it; empty: none."""
+    # NOTE: TLS is on the front doors (HTTP and KServe gRPC); the control port keeps the secret.
+    tls_cert: str = ""
+    """PEM certificate (chain) file: serve HTTPS and gRPC over TLS only; needs tls_key."""
+    tls_key: str = ""
+    """PEM private key file of tls_cert."""
+    tls_ca: str = ""
+    """PEM CA file: KServe gRPC clients must present a certificate it signed (mutual TLS)."""
     tenant_max_concurrent: int = 0
     """API requests one tenant may have running at once (more get 429); 0 is no limit."""
     # NOTE: bursts of up to a second's worth pass; more get 429 with Retry-After.
@@ -201,6 +208,8 @@ class CoordinatorConfig:
             "must be a finite number >= 0",
         )
         require(all(self.api_key), "api_key", "must not be empty")
+        require(bool(self.tls_cert) == bool(self.tls_key), "tls_key", "give tls_cert and tls_key")
+        require(not self.tls_ca or bool(self.tls_cert), "tls_ca", "needs tls_cert and tls_key")
         for name in ("http_port", "grpc_port", "control_port"):
             require_port(getattr(self, name), name)
         require(self.heartbeat_interval_s > 0, "heartbeat_interval_s", "must be > 0")
