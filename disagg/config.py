@@ -182,6 +182,10 @@ class CoordinatorConfig:
     """An API key clients must send (`Authorization: Bearer KEY`, tenant `default`); repeatable."""
     api_keys: str = ""
     """A file of API keys, one `KEY TENANT` per line (`#` starts a comment)."""
+    # NOTE: its own key, not an API key: a scrape sees every tenant's numbers. Prometheus
+    # sends it with `authorization: {type: Bearer, credentials_file: ...}` in the scrape job.
+    metrics_key: str = ""
+    """When set, /metrics needs `Authorization: Bearer METRICS_KEY`; empty leaves it open."""
 
     # NOTE: best given as DISAGG_CLUSTER_SECRET, off the command line.
     cluster_secret: str = ""

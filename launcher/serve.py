@@ -170,15 +170,18 @@ class Cluster:
                 self.coordinator.wait()
 
 
-SECRET_FIELDS = ("cluster_secret", "api_key")
+SECRET_FIELDS = ("cluster_secret", "api_key", "metrics_key")
 """Passed to children in their environment, not on command lines that `ps` shows."""
 
 
 def secret_env(coordinator: CoordinatorConfig) -> dict[str, str]:
-    """The children's secrets: the cluster secret (a fresh one unless given) and API keys."""
+    """The children's secrets: the cluster secret (a fresh one unless given), API keys and
+    the metrics key."""
     env = {"DISAGG_CLUSTER_SECRET": coordinator.cluster_secret or secrets.token_hex(32)}
     if coordinator.api_key:
         env["DISAGG_API_KEY"] = ",".join(coordinator.api_key)
+    if coordinator.metrics_key:
+        env["DISAGG_METRICS_KEY"] = coordinator.metrics_key
     return env
 
 
