@@ -62,9 +62,11 @@ async def run(config: CoordinatorConfig, dispatch: DispatchConfig | None = None)
     registry.on_change(admission.notify)
     scheduler = ClusterScheduler(registry, admission, dispatch or DispatchConfig())
     metrics = Metrics(served_name)
-    quotas = TenantQuotas(config.tenant_max_concurrent, config.tenant_max_rps)
+    quotas = TenantQuotas(
+        config.tenant_max_concurrent, config.tenant_max_rps, max_tpm=config.tenant_max_tpm
+    )
     frontend = Frontend(
-        Generator(scheduler, model, metrics),
+        Generator(scheduler, model, metrics, quotas),
         model,
         served_name,
         registry,

@@ -202,6 +202,9 @@ class CoordinatorConfig:
     # NOTE: bursts of up to a second's worth pass; more get 429 with Retry-After.
     tenant_max_rps: float = 0.0
     """Requests per second one tenant may start; 0 is no limit."""
+    # NOTE: charged as used (prompt at start, each generated token); a tenant in debt gets 429.
+    tenant_max_tpm: float = 0.0
+    """Prompt plus generated tokens per minute one tenant may use; 0 is no limit."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_key", tuple(self.api_key or ()))
@@ -209,6 +212,11 @@ class CoordinatorConfig:
         require(
             math.isfinite(self.tenant_max_rps) and self.tenant_max_rps >= 0,
             "tenant_max_rps",
+            "must be a finite number >= 0",
+        )
+        require(
+            math.isfinite(self.tenant_max_tpm) and self.tenant_max_tpm >= 0,
+            "tenant_max_tpm",
             "must be a finite number >= 0",
         )
         require(all(self.api_key), "api_key", "must not be empty")
