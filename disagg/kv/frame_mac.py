@@ -10,8 +10,10 @@ secret, the sender appends one more frame to each message, the tag
 over every frame of the message (header and K/V payload), and the receiver drops a message
 whose tag does not verify before it parses the header, so a forged or altered frame never
 reaches a handle. The lengths make the framing part of what is signed: bytes cannot move
-from one frame to the next. A replayed frame is a copy of a genuine one for the same handle
-(handle ids are never reused); the done message's checksum counts it twice and fails it.
+from one frame to the next. The handle id is in the signed header, so a captured message can
+only be replayed into its own handle (ids are never reused), where the layer's tokens are then
+counted twice and the handle fails as incomplete: a replay can fail a request, never corrupt
+one.
 
 key = HMAC-SHA256(secret, "disagg kv frame mac v1"): a key of its own, so a tag reveals nothing
 about the secret that gRPC metadata carries.

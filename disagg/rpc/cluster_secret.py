@@ -11,7 +11,7 @@ The same secret keys the MAC on KV frames (`disagg.kv.frame_mac`).
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -76,7 +76,13 @@ class _AddsSecret:
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
-    async def _call(self, continuation, details, request):  # noqa: ANN001, ANN202
+    async def _call(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, object], Awaitable[object]],
+        details: grpc.aio.ClientCallDetails,
+        request: object,
+    ) -> object:
+        """request: the message, or for client-streaming calls the iterator of messages."""
         return await continuation(self._with_secret(details), request)
 
 
@@ -103,7 +109,9 @@ def _refusal(method: str, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMeth
     async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def refuse_stream(request: object, context: grpc.aio.ServicerContext):  # noqa: ANN202
+    async def refuse_stream(
+        request: object, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[object]:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover -- makes this an async generator, as streaming handlers are
 
