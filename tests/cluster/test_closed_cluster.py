@@ -5,6 +5,7 @@ MAC are dropped and counted and never reach a handle, and the cluster itself sti
 from __future__ import annotations
 
 import urllib.request
+from unittest import mock
 
 import grpc
 import pytest
@@ -13,7 +14,15 @@ import zmq
 
 from disagg.engine.sampling_params import SamplingParams
 from disagg.kv.frame_mac import FrameMac
-from disagg.kv.wire import DoneHeader, LayerHeader, combine, frame_checksum, layer_frames
+from disagg.kv.transfer import KVSender
+from disagg.kv.wire import (
+    LAYER_NUM_FRAMES,
+    DoneHeader,
+    LayerHeader,
+    combine,
+    frame_checksum,
+    layer_frames,
+)
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc import control_pb2_grpc as pb_grpc
 from disagg.rpc.cluster_secret import secret_metadata
@@ -142,6 +151,29 @@ def test_an_altered_frame_is_dropped_and_the_handle_fails_cleanly(serve, decode_
     assert failed.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
     assert "incomplete" in failed.value.details()
     wait_until(lambda: rejected_count(serve) - before == 1, 10, "the altered frame counted")
+    serve.wait_all_blocks_free()
+    status, body = serve.completion("Still serving?", max_tokens=2, temperature=0)
+    assert status == 200 and body["usage"]["completion_tokens"] == 2, body
+
+
+def test_a_request_whose_kv_frames_fail_their_mac_errors_cleanly(serve):
+    """Every layer the prefill worker ships is altered on the way (signed under another key):
+    the decode worker drops them all, the handle fails as incomplete at the done message, and
+    the coordinator tries to move the request on. With one decode worker, which it has seen
+    fail, the client gets a clean 503, and no handle ever held the foreign bytes."""
+    real_signed = KVSender._signed
+    rogue = FrameMac("in-flight-tamperer")
+
+    def altered_layers(sender: KVSender, frames: list) -> list:
+        is_layer = len(frames) == LAYER_NUM_FRAMES
+        return rogue.signed(frames) if is_layer else real_signed(sender, frames)
+
+    before = rejected_count(serve)
+    with mock.patch.object(KVSender, "_signed", altered_layers):
+        status, body = serve.completion("Fail me over", max_tokens=3, temperature=0)
+    assert status == 503 and body["error"]["type"] == "service_unavailable", body
+    num_layers = 2  # the tiny model's
+    wait_until(lambda: rejected_count(serve) - before == num_layers, 10, "the layers counted")
     serve.wait_all_blocks_free()
     status, body = serve.completion("Still serving?", max_tokens=2, temperature=0)
     assert status == 200 and body["usage"]["completion_tokens"] == 2, body
