@@ -8,7 +8,9 @@ frame, K, V per layer, then one final frame), zero-copy on both ends, with no
 header parsing, checksum or cache write. Sender and receiver run in one
 process: the sender in the main thread, the receiver in its own thread (plus
 ZeroMQ's I/O thread on each side). Points alternate ours/raw and report the
-median of the repeats.
+median of the repeats. With `--mac`, a third pipe, ours with the cluster
+secret's HMAC on every message (signed by the sender, verified by the
+receiver), joins the alternation: its cost is signed against ours.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import zmq
 
 from bench.report import write_report
 from disagg.kv.cache import KVLayout, PagedKVCache
+from disagg.kv.frame_mac import FrameMac
 from disagg.kv.transfer import KVReceiver, KVSender
 from disagg.kv.wire import DTYPES, DoneHeader, LayerHeader, combine, frame_buffer
 
@@ -46,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per point (median)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="bench/results")
+    parser.add_argument(
+        "--mac", action="store_true", help="also time ours with the HMAC of a cluster secret"
+    )
 
 
 @dataclass(frozen=True)
@@ -96,12 +102,12 @@ class PoolSink:
 
 
 class OursPipe:
-    """KVSender -> KVReceiver -> PoolSink."""
+    """KVSender -> KVReceiver -> PoolSink (with `mac`: every message signed and verified)."""
 
-    def __init__(self, bind: str, cache: PagedKVCache) -> None:
+    def __init__(self, bind: str, cache: PagedKVCache, mac: FrameMac | None = None) -> None:
         self.sink = PoolSink(cache)
-        self.receiver = KVReceiver(bind, self.sink).start()
-        self.sender = KVSender(send_timeout_s=TIMEOUT_S)
+        self.receiver = KVReceiver(bind, self.sink, mac=mac).start()
+        self.sender = KVSender(send_timeout_s=TIMEOUT_S, mac=mac)
         self._count = 0
 
     def transfer_s(self, prompt: Prompt) -> float:
@@ -183,15 +189,28 @@ def bind_address(transport: str, directory: str) -> str:
     return "tcp://0.0.0.0:0" if transport == "tcp" else f"ipc://{directory}/kv-{os.getpid()}.sock"
 
 
-def measure_point(ours: OursPipe, raw: RawPipe, prompt: Prompt, repeats: int) -> dict:
-    ours.transfer_s(prompt), raw.transfer_s(prompt)  # warm-up: connections, allocator
-    ours_s, raw_s = [], []
-    for _ in range(repeats):  # NOTE: alternated, so background load hits both alike
-        ours_s.append(ours.transfer_s(prompt))
-        raw_s.append(raw.transfer_s(prompt))
+def measure_point(
+    ours: OursPipe, raw: RawPipe, prompt: Prompt, repeats: int, signed: OursPipe | None = None
+) -> dict:
+    pipes = {"ours": ours, "raw": raw} | ({"signed": signed} if signed else {})
+    for pipe in pipes.values():  # warm-up: connections, allocator
+        pipe.transfer_s(prompt)
+    times_s: dict[str, list[float]] = {name: [] for name in pipes}
+    for _ in range(repeats):  # NOTE: alternated, so background load hits all alike
+        for name, pipe in pipes.items():
+            times_s[name].append(pipe.transfer_s(prompt))
+    ours_s, raw_s = times_s["ours"], times_s["raw"]
     ours_gbps = prompt.nbytes / statistics.median(ours_s) / 1e9
     raw_gbps = prompt.nbytes / statistics.median(raw_s) / 1e9
-    return {
+    mac = {}
+    if signed:
+        signed_s = statistics.median(times_s["signed"])
+        mac = {
+            "signed_s": times_s["signed"],
+            "signed_gbps": prompt.nbytes / signed_s / 1e9,
+            "mac_ms_per_mb": (signed_s - statistics.median(ours_s)) * 1e3 / (prompt.nbytes / 1e6),
+        }
+    return mac | {
         "num_tokens": prompt.num_tokens,
         "nbytes": prompt.nbytes,
         "ours_s": ours_s,
@@ -208,14 +227,18 @@ def bench_transport(args: argparse.Namespace, transport: str, prompts: list[Prom
     max_tokens = max(prompt.num_tokens for prompt in prompts)
     cache = PagedKVCache(layout, -(-max_tokens // args.block_size), torch.device("cpu"))
     with tempfile.TemporaryDirectory(prefix="kv-bench-") as directory:
-        ours = OursPipe(bind_address(transport, directory), cache)
-        raw = RawPipe(bind_address(transport, directory).replace(".sock", "-raw.sock"))
+        bind = bind_address(transport, directory)
+        ours = OursPipe(bind, cache)
+        raw = RawPipe(bind.replace(".sock", "-raw.sock"))
+        mac = FrameMac("bench-cluster-secret") if args.mac else None
+        signed = OursPipe(bind.replace(".sock", "-signed.sock"), cache, mac) if mac else None
         try:
-            return [measure_point(ours, raw, prompt, args.repeats) | {"transport": transport}
-                    for prompt in prompts]  # fmt: skip
+            return [measure_point(ours, raw, prompt, args.repeats, signed)
+                    | {"transport": transport} for prompt in prompts]  # fmt: skip
         finally:
-            ours.close()
-            raw.close()
+            for pipe in (ours, raw, signed):
+                if pipe is not None:
+                    pipe.close()
 
 
 def print_table(results: list[dict], args: argparse.Namespace) -> None:
@@ -230,6 +253,11 @@ def print_table(results: list[dict], args: argparse.Namespace) -> None:
         print(f"{r['transport']:<10}{r['num_tokens']:>8}{r['nbytes'] / 1e6:>9.1f}"
               f"{r['ours_gbps']:>11.2f}{r['raw_gbps']:>10.2f}{r['ratio']:>7.0%}")  # fmt: skip
     print("target: ours >= 70% of raw")
+    for r in results:
+        if "signed_gbps" in r:
+            print(f"with MAC: {r['transport']:<5}{r['num_tokens']:>7} tokens "
+                  f"{r['signed_gbps']:>6.2f} GB/s against {r['ours_gbps']:.2f} without: "
+                  f"+{r['mac_ms_per_mb']:.2f} ms per MB")  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from coordinator.cluster_scheduler import ClusterScheduler
 from coordinator.metrics import Metrics
+from coordinator.quotas import TenantQuotas
 from coordinator.request_timing import RequestTrace
 from disagg.engine.sampling_params import SamplingParams
 from disagg.engine.sequence import TokenLogprob
@@ -66,10 +67,19 @@ class Completion:
 
 
 class Generator:
-    def __init__(self, scheduler: ClusterScheduler, model: ModelInfo, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        scheduler: ClusterScheduler,
+        model: ModelInfo,
+        metrics: Metrics,
+        quotas: TenantQuotas | None = None,
+    ) -> None:
+        """quotas: where each request's prompt and generated tokens are charged, as they
+        happen, against its tenant's tokens per minute."""
         self.scheduler = scheduler
         self.model = model
         self.metrics = metrics
+        self.quotas = quotas or TenantQuotas()
         self.num_running = 0
 
     def check(self, request: GenerationRequest) -> None:
@@ -98,9 +108,11 @@ class Generator:
         pending_logprobs: list[TokenLogprob] = []
         count, status = 0, "error"
         self.num_running += 1
+        self.quotas.charge_tokens(request.tenant, len(request.prompt_ids))
         try:
             async for update in tokens:
                 count += 1
+                self.quotas.charge_tokens(request.tenant, 1)
                 pending_ids.append(update.token_id)
                 if update.logprob is not None:
                     pending_logprobs.append(update.logprob)

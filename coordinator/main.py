@@ -18,12 +18,13 @@ from coordinator.generation import Generator
 from coordinator.metrics import Metrics
 from coordinator.quotas import TenantQuotas
 from coordinator.registry import RegistryService, WorkerRegistry
+from coordinator.tls import TlsFiles
 from disagg import tracing
 from disagg.config import CoordinatorConfig, DispatchConfig
 from disagg.model.loader import load_model_info
 from disagg.ports import add_grpc_port, bind_tcp, grpc_server
 from disagg.rpc import control_pb2_grpc as pb_grpc
-from disagg.rpc.cluster_secret import ClusterSecretInterceptor
+from disagg.rpc.cluster_secret import server_interceptors
 from disagg.rpc.health import INFERENCE_SERVICE, REGISTRY_SERVICE, ServerHealth
 
 log = logging.getLogger(__name__)
@@ -44,23 +45,28 @@ async def run(config: CoordinatorConfig, dispatch: DispatchConfig | None = None)
     enable_request_log()
     tracing.setup("disagg-coordinator")
     # NOTE: every port is taken before the model loads, so a second cluster fails at once.
+    tls = TlsFiles.from_config(config)  # unreadable files fail before any port is taken
     http_socket = bind_tcp(config.host, config.http_port, "--http-port")
-    secret = config.cluster_secret
-    control = grpc_server([ClusterSecretInterceptor(secret)] if secret else None)
+    control = grpc_server(server_interceptors(config.cluster_secret))
     add_grpc_port(control, config.host, config.control_port, "--control-port")
     inference = grpc_server()
-    add_grpc_port(inference, config.host, config.grpc_port, "--grpc-port")
+    credentials = tls.grpc_credentials() if tls else None
+    add_grpc_port(inference, config.host, config.grpc_port, "--grpc-port", credentials)
     api_keys = ApiKeys.from_config(config)  # a bad key file fails before the model loads
     model = load_model_info(config.model)
     served_name = config.served_model_name or model.name
-    registry = WorkerRegistry(config.heartbeat_interval_s, config.heartbeat_timeout_s)
+    registry = WorkerRegistry(
+        config.heartbeat_interval_s, config.heartbeat_timeout_s, config.cluster_secret
+    )
     admission = Admission(config.max_waiting, config.queue_timeout_s)
     registry.on_change(admission.notify)
     scheduler = ClusterScheduler(registry, admission, dispatch or DispatchConfig())
     metrics = Metrics(served_name)
-    quotas = TenantQuotas(config.tenant_max_concurrent, config.tenant_max_rps)
+    quotas = TenantQuotas(
+        config.tenant_max_concurrent, config.tenant_max_rps, max_tpm=config.tenant_max_tpm
+    )
     frontend = Frontend(
-        Generator(scheduler, model, metrics),
+        Generator(scheduler, model, metrics, quotas),
         model,
         served_name,
         registry,
@@ -83,14 +89,20 @@ async def run(config: CoordinatorConfig, dispatch: DispatchConfig | None = None)
     app = tracing.traced_asgi(build_app(frontend, api_keys))
     http = uvicorn.Server(
         uvicorn.Config(
-            app, host=config.host, port=config.http_port, log_level="warning", lifespan="off"
+            app,
+            host=config.host,
+            port=config.http_port,
+            log_level="warning",
+            lifespan="off",
+            **(tls.uvicorn_options() if tls else {}),
         )
     )
     http.install_signal_handlers = lambda: None  # we handle signals for both servers
     sweeper = asyncio.create_task(registry.run_sweeper())
     serving = asyncio.create_task(http.serve(sockets=[http_socket]))
     print(
-        f"disagg coordinator: HTTP on {config.host}:{config.http_port}, KServe gRPC on "
+        f"disagg coordinator: {'HTTPS' if tls else 'HTTP'} on {config.host}:{config.http_port}, "
+        f"KServe gRPC{' over TLS' if tls else ''} on "
         f"{config.host}:{config.grpc_port}, control on {config.host}:{config.control_port}, "
         f"model {served_name}",
         flush=True,

@@ -6,6 +6,7 @@ import json
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from coordinator.registry import WorkerRegistry
 from coordinator.request_timing import RequestTrace
@@ -79,6 +80,9 @@ class Metrics:
         self.blocks_total = Gauge(
             "disagg_kv_blocks_total", "KV blocks.", worker_labels, registry=self.registry
         )
+        self.workers: WorkerRegistry | None = None
+        """The registry of the last `render`, which worker-reported counters are read from."""
+        self.registry.register(_WorkerCounters(self))
 
     def record(
         self,
@@ -119,6 +123,7 @@ class Metrics:
         """The text exposition, with gauges read fresh from the registry."""
         self.running.labels(model=self.model).set(running)
         self.waiting.labels(model=self.model).set(waiting)
+        self.workers = workers
         self.blocks_used.clear()
         self.blocks_total.clear()
         for worker in workers.healthy("decode"):
@@ -127,3 +132,23 @@ class Metrics:
             self.blocks_total.labels(**labels).set(total)
             self.blocks_used.labels(**labels).set(total - worker.free_kv_blocks)
         return generate_latest(self.registry)
+
+
+class _WorkerCounters:
+    """Counters the workers keep and report in heartbeats, read at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> list[CounterMetricFamily]:
+        rejected = CounterMetricFamily(
+            "disagg_kv_frames_rejected",
+            "KV messages a decode worker dropped for a missing or wrong MAC (forged or altered).",
+            labels=["model", "worker"],
+        )
+        workers = self.metrics.workers
+        for worker in workers.all() if workers is not None else ():
+            if worker.info.role == "decode":
+                labels = [self.metrics.model, worker.worker_id]
+                rejected.add_metric(labels, worker.num_kv_frames_rejected)
+        return [rejected]

@@ -246,7 +246,7 @@ def openapi_document() -> dict:
                 "generate extension, as server-sent events", "GenerateRequest", "KServeError"
             ),
             "/health": _get("health (always open)"),
-            "/metrics": _get("Prometheus metrics (always open)"),
+            "/metrics": _get("Prometheus metrics (open unless --metrics-key is set)"),
             "/cluster": _get("workers and their KV blocks"),
             "/openapi.json": _get("this document"),
         },

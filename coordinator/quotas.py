@@ -1,10 +1,18 @@
-"""Per-tenant quotas: concurrent API requests and requests per second, refused with 429 and
-Retry-After (`QuotaExceededError`), distinct from overload (503): a tenant over its quota
-retries later while other tenants keep being served.
+"""Per-tenant quotas: concurrent API requests, requests per second and tokens per minute,
+refused with 429 and Retry-After (`QuotaExceededError`), distinct from overload (503): a tenant
+over its quota retries later while other tenants keep being served.
 
-The rate is a token bucket per tenant (capacity one second's worth, at least one request),
-the usual shape of API rate limits: bursts up to the capacity, then the sustained rate. A
-request takes a `Lease` when admitted and gives it back when its last generation ends; a
+Both rates are token buckets per tenant, the usual shape of API rate limits: bursts up to the
+capacity, then the sustained rate. Requests per second: capacity one second's worth (at least
+one request), one taken per admitted request. Tokens per minute (prompt plus generated
+tokens, as OpenAI counts its TPM limits): capacity one minute's worth. A request's tokens are
+not known until it runs, so they are charged as they happen (the prompt when generation
+starts, each generated token as it arrives) and a bucket may go into debt: a request is
+admitted while its tenant's bucket is not in debt, and Retry-After says when it will be
+repaid. So the sustained rate holds, and what one burst can overdraw is bounded by the
+tenant's concurrency.
+
+A request takes a `Lease` when admitted and gives it back when its last generation ends; a
 refused request takes nothing.
 """
 
@@ -39,15 +47,54 @@ class Lease:
 
 
 @dataclass
+class TenantBuckets:
+    """One token bucket per tenant, refilled at `rate_per_s` up to `capacity`."""
+
+    rate_per_s: float
+    capacity: float
+    clock: Callable[[], float]
+    levels: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """tenant -> (tokens, when they were counted); below zero is debt."""
+
+    def level(self, tenant: str) -> float:
+        tokens, then = self.levels.get(tenant, (self.capacity, self.clock()))
+        return min(self.capacity, tokens + (self.clock() - then) * self.rate_per_s)
+
+    def wait_s(self, tenant: str, amount: float) -> float:
+        """Seconds until the bucket holds `amount` (0: it does now)."""
+        return max(0.0, (amount - self.level(tenant)) / self.rate_per_s)
+
+    def take(self, tenant: str, amount: float) -> None:
+        """Take `amount` whatever the level: the bucket may go into debt."""
+        now = self.clock()
+        self.levels[tenant] = (self.level(tenant) - amount, now)
+        if len(self.levels) > MAX_TRACKED_TENANTS:
+            self._forget_full()
+
+    def _forget_full(self) -> None:
+        for name in list(self.levels):
+            if self.level(name) >= self.capacity:
+                del self.levels[name]
+
+
+@dataclass
 class TenantQuotas:
     max_concurrent: int = 0
     """Concurrent API requests per tenant; 0 is no limit."""
     max_rps: float = 0.0
     """Sustained requests per second per tenant; 0 is no limit."""
     clock: Callable[[], float] = time.monotonic
+    max_tpm: float = 0.0
+    """Sustained prompt plus generated tokens per minute per tenant; 0 is no limit."""
     _running: dict[str, int] = field(default_factory=dict)
-    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
-    """tenant -> (tokens, when they were counted)."""
+    _requests: TenantBuckets | None = field(init=False, default=None)
+    _tokens: TenantBuckets | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.max_rps:
+            self._requests = TenantBuckets(self.max_rps, max(1.0, self.max_rps), self.clock)
+        if self.max_tpm:
+            self._tokens = TenantBuckets(self.max_tpm / 60, self.max_tpm, self.clock)
 
     def admit(self, tenant: str) -> Lease:
         """A lease for one request, or QuotaExceededError (429) with when to retry."""
@@ -56,33 +103,25 @@ class TenantQuotas:
             raise QuotaExceededError(
                 f"tenant {tenant!r} has {running} requests running, its limit", retry_after_s=1
             )
-        if self.max_rps:
-            self._take_token(tenant)
+        if self._tokens is not None and self._tokens.level(tenant) < 0:
+            raise QuotaExceededError(
+                f"tenant {tenant!r} is over its {self.max_tpm:g} tokens per minute",
+                retry_after_s=_retry_after_s(self._tokens.wait_s(tenant, 0)),
+            )
+        if self._requests is not None:
+            if self._requests.level(tenant) < 1:
+                raise QuotaExceededError(
+                    f"tenant {tenant!r} is over its {self.max_rps:g} requests per second",
+                    retry_after_s=_retry_after_s(self._requests.wait_s(tenant, 1)),
+                )
+            self._requests.take(tenant, 1)
         self._running[tenant] = running + 1
         return Lease(self, tenant)
 
-    @property
-    def _capacity(self) -> float:
-        return max(1.0, self.max_rps)
-
-    def _take_token(self, tenant: str) -> None:
-        now = self.clock()
-        tokens, then = self._buckets.get(tenant, (self._capacity, now))
-        tokens = min(self._capacity, tokens + (now - then) * self.max_rps)
-        if tokens < 1:
-            wait_s = (1 - tokens) / self.max_rps
-            raise QuotaExceededError(
-                f"tenant {tenant!r} is over its {self.max_rps:g} requests per second",
-                retry_after_s=max(1, math.ceil(wait_s)),
-            )
-        self._buckets[tenant] = (tokens - 1, now)
-        if len(self._buckets) > MAX_TRACKED_TENANTS:
-            self._forget_full_buckets(now)
-
-    def _forget_full_buckets(self, now: float) -> None:
-        for name, (tokens, then) in list(self._buckets.items()):
-            if tokens + (now - then) * self.max_rps >= self._capacity:
-                del self._buckets[name]
+    def charge_tokens(self, tenant: str, num_tokens: int) -> None:
+        """Count prompt or generated tokens against the tenant's tokens per minute."""
+        if self._tokens is not None:
+            self._tokens.take(tenant, num_tokens)
 
     def _release(self, tenant: str) -> None:
         running = self._running.get(tenant, 0) - 1
@@ -90,3 +129,8 @@ class TenantQuotas:
             self._running[tenant] = running
         else:
             self._running.pop(tenant, None)
+
+
+def _retry_after_s(wait_s: float) -> int:
+    """Whole seconds, at least 1 (Retry-After carries integers)."""
+    return max(1, math.ceil(wait_s))

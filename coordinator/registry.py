@@ -24,6 +24,7 @@ import grpc
 
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc import control_pb2_grpc as pb_grpc
+from disagg.rpc.cluster_secret import client_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class WorkerRecord:
     """Prompt tokens this coordinator has sent the worker and not yet had back."""
     num_preemptions: int = 0
     """Sequences the worker preempted for KV blocks over its life (as last reported)."""
+    num_kv_frames_rejected: int = 0
+    """KV messages the worker dropped for a missing or wrong MAC (forged or altered), ever."""
     is_draining: bool = False
     """The worker is finishing its sequences before it exits: place nothing new on it."""
     decode: pb_grpc.DecodeWorkerStub = field(init=False)
@@ -81,7 +84,14 @@ class WorkerRecord:
 
 
 class WorkerRegistry:
-    def __init__(self, heartbeat_interval_s: float = 1.0, heartbeat_timeout_s: float = 3.0) -> None:
+    def __init__(
+        self,
+        heartbeat_interval_s: float = 1.0,
+        heartbeat_timeout_s: float = 3.0,
+        cluster_secret: str = "",
+    ) -> None:
+        """cluster_secret: sent with every call to a worker, whose services refuse calls
+        without it."""
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._workers: dict[str, WorkerRecord] = {}
@@ -89,6 +99,7 @@ class WorkerRegistry:
         self._lost_listeners: list[Callable[[str], None]] = []
         self.channel_options: list[tuple[str, int]] = keepalive_options(KEEPALIVE_S)
         """Options of every channel to a worker (keepalive: a silent peer is noticed)."""
+        self._channel_interceptors = client_interceptors(cluster_secret)
 
     def on_lost(self, listener: Callable[[str], None]) -> None:
         """Called with a worker's id when it leaves the rotation for missed heartbeats or
@@ -103,7 +114,9 @@ class WorkerRegistry:
         old = self._workers.pop(info.worker_id, None)
         if old is not None:
             asyncio.ensure_future(old.channel.close())
-        channel = grpc.aio.insecure_channel(info.address, options=self.channel_options)
+        channel = grpc.aio.insecure_channel(
+            info.address, options=self.channel_options, interceptors=self._channel_interceptors
+        )
         self._workers[info.worker_id] = WorkerRecord(
             info, channel, time.monotonic(), free_kv_blocks=info.total_kv_blocks
         )
@@ -120,6 +133,7 @@ class WorkerRegistry:
         record.load = request.load
         record.is_draining = request.draining
         record.num_preemptions = request.num_preemptions
+        record.num_kv_frames_rejected = request.num_kv_frames_rejected
         self._changed()
         return True
 

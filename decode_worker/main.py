@@ -11,6 +11,7 @@ from decode_worker.service import DecodeService, SettleWaiters
 from disagg.config import DecodeWorkerConfig, EngineConfig, WorkerConfig
 from disagg.engine.llm_engine import LLMEngine
 from disagg.engine.worker_loop import EngineLoop
+from disagg.kv.frame_mac import FrameMac
 from disagg.kv.transfer import KVReceiver
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc import control_pb2_grpc as pb_grpc
@@ -48,7 +49,9 @@ async def run(
     receiver = None
     if not decode.colocated:
         bind = receiver_bind(config, decode.kv_transport)
-        receiver = KVReceiver(bind, table, advertise_host=config.advertise_host).start()
+        mac = FrameMac.from_secret(config.cluster_secret)
+        receiver = KVReceiver(bind, table, advertise_host=config.advertise_host, mac=mac)
+        receiver.start()
     loop = EngineLoop(engine, tick=table.expire)
     loop.start()
     endpoint = receiver.endpoint if receiver else ""
@@ -67,6 +70,7 @@ async def run(
             load=service.load(),
             free_kv_blocks=engine.block_manager.num_free_blocks,
             num_preemptions=engine.scheduler.num_preemptions,
+            num_kv_frames_rejected=receiver.num_rejected if receiver else 0,
         )
 
     def on_stop() -> None:

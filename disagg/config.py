@@ -103,7 +103,7 @@ class WorkerConfig:
     """torch intra-op threads; 0 leaves torch's default."""
     # NOTE: best given as DISAGG_CLUSTER_SECRET, off the command line (`disagg serve` makes one).
     cluster_secret: str = ""
-    """The coordinator's cluster secret, sent with every registry call."""
+    """Sent to register, required on every call to this worker, and the key of KV frames' MAC."""
 
     def __post_init__(self) -> None:
         require(":" in self.coordinator, "coordinator", f"must be HOST:PORT: {self.coordinator!r}")
@@ -182,15 +182,29 @@ class CoordinatorConfig:
     """An API key clients must send (`Authorization: Bearer KEY`, tenant `default`); repeatable."""
     api_keys: str = ""
     """A file of API keys, one `KEY TENANT` per line (`#` starts a comment)."""
+    # NOTE: its own key, not an API key: a scrape sees every tenant's numbers. Prometheus
+    # sends it with `authorization: {type: Bearer, credentials_file: ...}` in the scrape job.
+    metrics_key: str = ""
+    """When set, /metrics needs `Authorization: Bearer METRICS_KEY`; empty leaves it open."""
 
     # NOTE: best given as DISAGG_CLUSTER_SECRET, off the command line.
     cluster_secret: str = ""
-    """Workers must present it to register or heartbeat; empty lets anyone join."""
+    """Shared with the workers: every control call and KV frame must carry it; empty: none."""
+    # NOTE: TLS is on the front doors (HTTP and KServe gRPC); the control port keeps the secret.
+    tls_cert: str = ""
+    """PEM certificate (chain) file: serve HTTPS and gRPC over TLS only; needs tls_key."""
+    tls_key: str = ""
+    """PEM private key file of tls_cert."""
+    tls_ca: str = ""
+    """PEM CA file: KServe gRPC clients must present a certificate it signed (mutual TLS)."""
     tenant_max_concurrent: int = 0
     """API requests one tenant may have running at once (more get 429); 0 is no limit."""
     # NOTE: bursts of up to a second's worth pass; more get 429 with Retry-After.
     tenant_max_rps: float = 0.0
     """Requests per second one tenant may start; 0 is no limit."""
+    # NOTE: charged as used (prompt at start, each generated token); a tenant in debt gets 429.
+    tenant_max_tpm: float = 0.0
+    """Prompt plus generated tokens per minute one tenant may use; 0 is no limit."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_key", tuple(self.api_key or ()))
@@ -200,7 +214,14 @@ class CoordinatorConfig:
             "tenant_max_rps",
             "must be a finite number >= 0",
         )
+        require(
+            math.isfinite(self.tenant_max_tpm) and self.tenant_max_tpm >= 0,
+            "tenant_max_tpm",
+            "must be a finite number >= 0",
+        )
         require(all(self.api_key), "api_key", "must not be empty")
+        require(bool(self.tls_cert) == bool(self.tls_key), "tls_key", "give tls_cert and tls_key")
+        require(not self.tls_ca or bool(self.tls_cert), "tls_ca", "needs tls_cert and tls_key")
         for name in ("http_port", "grpc_port", "control_port"):
             require_port(getattr(self, name), name)
         require(self.heartbeat_interval_s > 0, "heartbeat_interval_s", "must be > 0")

@@ -43,14 +43,25 @@ def grpc_server(interceptors: list[grpc.aio.ServerInterceptor] | None = None) ->
     return grpc.aio.server(options=GRPC_SERVER_OPTIONS, interceptors=interceptors)
 
 
-def add_grpc_port(server: grpc.aio.Server, host: str, port: int, option: str) -> int:
-    """Bind `host:port` on `server`; returns the bound port (useful when `port` is 0).
+def add_grpc_port(
+    server: grpc.aio.Server,
+    host: str,
+    port: int,
+    option: str,
+    credentials: grpc.ServerCredentials | None = None,
+) -> int:
+    """Bind `host:port` on `server` (over TLS with `credentials`); returns the bound port
+    (useful when `port` is 0).
 
     Raises PortInUseError when the port is taken. NOTE: grpc reports a failed
     bind as a RuntimeError (or a returned 0 in older versions), without saying why.
     """
+    address = f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError as error:
         raise PortInUseError(host, port, option) from error
     if bound == 0:

@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -100,7 +101,8 @@ class Cluster:
             policy=policy or RestartPolicy(restart_clean_exits=plan.serve.restart_drained),
         )
         self._env = env
-        self._url = f"http://127.0.0.1:{plan.coordinator.http_port}/cluster"
+        scheme = "https" if plan.coordinator.tls_cert else "http"
+        self._url = f"{scheme}://127.0.0.1:{plan.coordinator.http_port}/cluster"
         self._stop = threading.Event()
 
     @property
@@ -168,25 +170,38 @@ class Cluster:
                 self.coordinator.wait()
 
 
-SECRET_FIELDS = ("cluster_secret", "api_key")
+SECRET_FIELDS = ("cluster_secret", "api_key", "metrics_key")
 """Passed to children in their environment, not on command lines that `ps` shows."""
 
 
 def secret_env(coordinator: CoordinatorConfig) -> dict[str, str]:
-    """The children's secrets: the cluster secret (a fresh one unless given) and API keys."""
+    """The children's secrets: the cluster secret (a fresh one unless given), API keys and
+    the metrics key."""
     env = {"DISAGG_CLUSTER_SECRET": coordinator.cluster_secret or secrets.token_hex(32)}
     if coordinator.api_key:
         env["DISAGG_API_KEY"] = ",".join(coordinator.api_key)
+    if coordinator.metrics_key:
+        env["DISAGG_METRICS_KEY"] = coordinator.metrics_key
     return env
 
 
 def registered_worker_ids(url: str) -> list[str]:
     """The worker ids the coordinator at `url` (its /cluster) lists; none if it cannot be asked."""
+    # NOTE: over TLS the probe does not verify the certificate: it asks its own child on
+    # loopback, whose certificate need not name 127.0.0.1, and reads only worker ids.
+    context = _unverified_context() if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=2, context=context) as response:
             return [w["worker_id"] for w in json.load(response)["workers"]]
     except (urllib.error.URLError, OSError, ValueError, KeyError):
         return []
+
+
+def _unverified_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def check_ports(plan: ClusterPlan) -> None:
@@ -207,7 +222,8 @@ def serve(plan: ClusterPlan) -> int:
             return 0 if cluster.is_stopping else 1
         roles = ", ".join(name for name in cluster.processes if name != "coordinator")
         print(
-            f"disagg serve: ready on http://{plan.coordinator.host}:{plan.coordinator.http_port} "
+            f"disagg serve: ready on {'https' if plan.coordinator.tls_cert else 'http'}"
+            f"://{plan.coordinator.host}:{plan.coordinator.http_port} "
             f"({plan.serve.mode}: {roles}; {plan.threads_per_worker} torch thread(s) per worker "
             f"of {plan.total_threads} cores); Ctrl-C stops",
             flush=True,

@@ -7,6 +7,7 @@ import asyncio
 from disagg.config import EngineConfig, WorkerConfig
 from disagg.engine.llm_engine import LLMEngine
 from disagg.engine.worker_loop import EngineLoop
+from disagg.kv.frame_mac import FrameMac
 from disagg.kv.transfer import KVSender
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc import control_pb2_grpc as pb_grpc
@@ -25,7 +26,7 @@ async def run(engine_config: EngineConfig, config: WorkerConfig) -> None:
     watch_parent()
     apply_threads(config)
     engine = LLMEngine(engine_config)
-    sender = KVSender()
+    sender = KVSender(mac=FrameMac.from_secret(config.cluster_secret))
     completions = SendCompletions().start()
     loop = EngineLoop(engine)
     loop.start()

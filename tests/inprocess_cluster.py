@@ -17,6 +17,7 @@ import asyncio
 import json
 import shutil
 import socket
+import ssl
 import threading
 import urllib.request
 from collections.abc import Callable, Coroutine
@@ -119,7 +120,10 @@ class InProcessCluster:
         self.model_dir = model_dir
         self.model = TINY_MODEL_NAME
         self.http_port, self.grpc_port, self.control_port = free_port(), free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.http_port}"
+        tls_cert = coordinator_options.get("tls_cert")
+        self.url = f"{'https' if tls_cert else 'http'}://127.0.0.1:{self.http_port}"
+        self.ssl_context = ssl.create_default_context(cafile=tls_cert) if tls_cert else None
+        """With TLS (`tls_cert=` a self-signed certificate): a client context that trusts it."""
         self._engine = dict(
             model=str(model_dir),
             dtype="float32",
@@ -149,7 +153,12 @@ class InProcessCluster:
         from prefill_worker import main as prefill_main
 
         engine = EngineConfig(**self._engine)
-        workers = dict(coordinator=f"127.0.0.1:{self.control_port}", host="127.0.0.1", threads=1)
+        workers = dict(
+            coordinator=f"127.0.0.1:{self.control_port}",
+            host="127.0.0.1",
+            threads=1,
+            cluster_secret=self._coordinator.get("cluster_secret", ""),
+        )
         return [
             coordinator_main.run(CoordinatorConfig(**self._coordinator)),
             prefill_main.run(engine, WorkerConfig(worker_id="prefill-0", **workers)),
@@ -198,7 +207,8 @@ class InProcessCluster:
             return False
 
     def cluster(self) -> dict:
-        with urllib.request.urlopen(f"{self.url}/cluster", timeout=10) as response:
+        url = f"{self.url}/cluster"
+        with urllib.request.urlopen(url, timeout=10, context=self.ssl_context) as response:
             return json.load(response)
 
     def completion(self, prompt: str | list[int], **fields: object) -> tuple[int, dict]:

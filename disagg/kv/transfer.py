@@ -18,6 +18,10 @@ decodes each message into tensors viewing the received frames, checksums them
 and hands them to a `KVSink` (the decode worker writes them into its paged
 pool and moves the handle through its lifecycle). Bad input is counted and
 dropped: a broken or hostile sender must not take the receiver down.
+
+With a cluster secret both ends hold a `FrameMac`: the sender signs every
+message, and the receiver drops (and counts in `num_rejected`) any message
+whose tag does not verify, before its header is even parsed.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Protocol
 import torch
 import zmq
 
+from disagg.kv.frame_mac import FrameMac
 from disagg.kv.wire import (
     DoneHeader,
     LayerHeader,
@@ -97,12 +102,18 @@ class KVSender:
     """Sends handles' K/V layer by layer to decode workers. One thread only, like its sockets."""
 
     def __init__(
-        self, *, send_hwm: int = 4096, send_timeout_s: float = 30.0, linger_s: float = 1.0
+        self,
+        *,
+        send_hwm: int = 4096,
+        send_timeout_s: float = 30.0,
+        linger_s: float = 1.0,
+        mac: FrameMac | None = None,
     ) -> None:
         """send_hwm: messages queued per endpoint before `send_layer` blocks (each holds its
         tensors' memory, not a copy); send_timeout_s: how long a blocked send or `finish`
         waits for a slow or missing receiver before TimeoutError; linger_s: how long
-        `close` lets unsent frames drain."""
+        `close` lets unsent frames drain; mac: signs every message (the cluster's key)."""
+        self._mac = mac
         self._context = zmq.Context()
         self._send_hwm = send_hwm
         self._send_timeout_s = send_timeout_s
@@ -133,7 +144,7 @@ class KVSender:
         state = self._state(endpoint, handle_id)
         frames = layer_frames(header, k, v)
         checksum = frame_checksum(layer, start, frames[1], frames[2])
-        state.trackers.extend(self._send(self._socket(endpoint), frames))
+        state.trackers.extend(self._send(self._socket(endpoint), self._signed(frames)))
         state.checksum = combine(state.checksum, checksum)
         state.nbytes += frames[1].nbytes + frames[2].nbytes
         state.layer_ids.add(layer)
@@ -165,7 +176,9 @@ class KVSender:
         if missing:
             raise ValueError(f"handle {handle_id}: layers {missing} were never sent")
         done = DoneHeader(handle_id, num_tokens, num_layers, state.checksum, state.nbytes)
-        trackers = state.trackers + self._send(self._socket(endpoint), [done.encode()])
+        trackers = state.trackers + self._send(
+            self._socket(endpoint), self._signed([done.encode()])
+        )
         deadline_s = time.monotonic() + self._send_timeout_s
         return PendingSend(done, trackers, deadline_s, self._send_timeout_s)
 
@@ -192,6 +205,9 @@ class KVSender:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def _signed(self, frames: list) -> list:
+        return frames if self._mac is None else self._mac.signed(frames)
 
     def _state(self, endpoint: str, handle_id: str) -> _HandleSends:
         state = self._handles.setdefault(handle_id, _HandleSends(endpoint))
@@ -244,11 +260,16 @@ class KVReceiver:
         advertise_host: str = "127.0.0.1",
         recv_hwm: int = 4096,
         poll_interval_s: float = 0.05,
+        mac: FrameMac | None = None,
     ) -> None:
         """bind: `tcp://0.0.0.0:0` (port 0: any free port) or `ipc:///path`;
         advertise_host: the host senders should connect to, for tcp;
-        poll_interval_s: how quickly the thread notices `stop`."""
+        poll_interval_s: how quickly the thread notices `stop`;
+        mac: when given, only messages it verifies reach the sink."""
         self.sink = sink
+        self._mac = mac
+        self.num_rejected = 0
+        """Messages dropped because their MAC was missing or wrong (forged or altered)."""
         self.num_malformed = 0
         self.num_sink_errors = 0
         self._context = zmq.Context()
@@ -310,6 +331,11 @@ class KVReceiver:
             self._deliver([frame.buffer for frame in frames])
 
     def _deliver(self, frames: list[memoryview]) -> None:
+        if self._mac is not None:
+            frames = self._mac.verified(frames)
+            if frames is None:
+                self._reject()
+                return
         try:
             message = decode_message(frames)
         except ValueError as exc:
@@ -326,6 +352,15 @@ class KVReceiver:
         except Exception:
             self.num_sink_errors += 1
             logger.exception("KV sink failed on a message; the receiver goes on")
+
+    def _reject(self) -> None:
+        self.num_rejected += 1
+        if self.num_rejected & (self.num_rejected - 1) == 0:  # 1, 2, 4, ...: no log flood
+            logger.warning(
+                "dropped a KV message whose MAC did not verify (%d so far): a sender "
+                "without the cluster secret, or altered bytes",
+                self.num_rejected,
+            )
 
 
 def _wire_ready(tensor: torch.Tensor) -> torch.Tensor:

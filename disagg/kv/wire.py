@@ -33,6 +33,11 @@ done message, 1 frame (after every layer message of the handle):
                       message of the handle (0 <= checksum < 2**64);
                       nbytes = total K and V bytes of those messages
 
+With a cluster secret every message carries one more, last frame: a 32-byte
+HMAC-SHA256 tag over all its other frames (written down in
+`disagg.kv.frame_mac`); the receiver strips and checks it before frame 0 is
+parsed, so the frame counts above are then 4 and 2.
+
 Unknown header fields are ignored, so a field can be added without breaking
 older receivers; missing or ill-typed fields make the message malformed.
 

@@ -18,6 +18,7 @@ from disagg.config import WorkerConfig
 from disagg.engine.llm_engine import LLMEngine
 from disagg.ports import add_grpc_port, grpc_server
 from disagg.rpc import control_pb2 as pb
+from disagg.rpc.cluster_secret import server_interceptors
 from disagg.rpc.drain import DRAIN_SETTLE_S, DRAIN_TIMEOUT_S, drain
 from disagg.rpc.health import ROLE_SERVICES, ServerHealth
 from disagg.rpc.registration import WorkerRegistration
@@ -75,7 +76,8 @@ async def serve_worker(
     A second SIGTERM/SIGINT stops at once, whatever is still in flight.
     """
     tracing.setup(f"disagg-{info.role}-worker")
-    server = grpc_server()
+    # NOTE: Allocate, Prefill, Decode and Free answer only the cluster's own coordinator
+    server = grpc_server(server_interceptors(config.cluster_secret))
     add_services(server)
     health = ServerHealth(server, ROLE_SERVICES[info.role])
     await health.start()

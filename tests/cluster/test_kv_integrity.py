@@ -1,4 +1,5 @@
-"""The KV bytes that cross the wire, checked end to end against real worker processes."""
+"""The KV bytes that cross the wire, checked end to end against real worker processes (whose
+services and KV receivers want the cluster secret, given here so the test can present it)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import zmq
 
 from disagg.engine.llm_engine import EngineConfig, LLMEngine
 from disagg.engine.sampling_params import SamplingParams
+from disagg.kv.frame_mac import FrameMac
 from disagg.kv.wire import DoneHeader, LayerHeader, combine, frame_checksum, layer_frames
 from disagg.model.tokenizer import encode_prompt
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc import control_pb2_grpc as pb_grpc
+from disagg.rpc.cluster_secret import secret_metadata
 from disagg.rpc.convert import sampling_to_proto
 from tests.cluster_harness import ServeProcess
 from tests.helpers import reference_tokens
@@ -23,12 +26,22 @@ pytestmark = pytest.mark.slow  # starts real `disagg serve` processes on the def
 
 PROMPT = "The quick brown fox jumps over the lazy dog because"
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
+SECRET = "kv-integrity-secret"
+METADATA = secret_metadata(SECRET)
+MAC = FrameMac(SECRET)
 
 
 @pytest.fixture(scope="module")
 def cluster():
     with ServeProcess(
-        "--prefill-workers", "1", "--decode-workers", "1", "--kv-transport", "tcp"
+        "--prefill-workers",
+        "1",
+        "--decode-workers",
+        "1",
+        "--kv-transport",
+        "tcp",
+        "--cluster-secret",
+        SECRET,
     ) as serve:
         yield serve
 
@@ -71,6 +84,7 @@ def test_decode_worker_holds_exactly_the_kv_the_prefill_worker_computed(cluster,
             sampling=sampling_to_proto(replace(GREEDY, max_tokens=12)),
         ),
         timeout=10,
+        metadata=METADATA,
     )
     reply = prefill.Prefill(
         pb.PrefillRequest(
@@ -80,13 +94,16 @@ def test_decode_worker_holds_exactly_the_kv_the_prefill_worker_computed(cluster,
             handle=handle,
         ),
         timeout=60,
+        metadata=METADATA,
     )
     assert reply.kv_bytes == 2 * len(prompt_ids) * 30 * 3 * 64 * 4
     assert reply.kv_checksum == local_kv_checksum(default_fp32, prompt_ids)
     # The decode worker only decodes from a handle whose received bytes hash to the
     # sender's checksum; the tokens then prove those bytes are the right KV.
     request = pb.DecodeRequest(handle_id=handle.handle_id, first_token_id=reply.first_token_id)
-    tokens = [reply.first_token_id] + [e.token_id for e in decode.Decode(request, timeout=60)]
+    tokens = [reply.first_token_id] + [
+        e.token_id for e in decode.Decode(request, timeout=60, metadata=METADATA)
+    ]
     assert tokens == reference_tokens(default_fp32.model, prompt_ids, 12)
     cluster.wait_all_blocks_free()
 
@@ -101,6 +118,7 @@ def test_a_corrupted_frame_fails_the_request_and_frees_its_blocks(cluster):
             sampling=sampling_to_proto(replace(GREEDY, max_tokens=4)),
         ),
         timeout=10,
+        metadata=METADATA,
     )
     layout = handle.layout
     shape = (len(prompt_ids), layout.num_kv_heads, layout.head_dim)
@@ -114,13 +132,13 @@ def test_a_corrupted_frame_fails_the_request_and_frees_its_blocks(cluster):
         checksum = combine(checksum, frame_checksum(layer, 0, frames[1], frames[2]))
         if layer == 7:
             frames[1] = frames[1][:100] + bytes([frames[1][100] ^ 0x01]) + frames[1][101:]
-        socket.send_multipart(frames)
+        socket.send_multipart(MAC.signed(frames))  # signed after the flip: the checksum's case
     done = DoneHeader(handle.handle_id, len(prompt_ids), layout.num_layers, checksum, 0)
-    socket.send_multipart([done.encode()])
+    socket.send_multipart(MAC.signed([done.encode()]))
     socket.close(linger=5000)
     request = pb.DecodeRequest(handle_id=handle.handle_id, first_token_id=5)
     with pytest.raises(grpc.RpcError) as info:
-        list(decode.Decode(request, timeout=30))
+        list(decode.Decode(request, timeout=30, metadata=METADATA))
     assert info.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
     assert "checksum_mismatch" in info.value.details()
     cluster.wait_all_blocks_free()

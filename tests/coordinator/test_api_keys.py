@@ -2,7 +2,8 @@
 `--api-key`, `--api-keys FILE` and `--tenant-max-concurrent 1`: key-less and wrong-key
 requests get 401 (gRPC UNAUTHENTICATED) in the protocol's shape, health/readiness/metrics stay
 open, the key, not the client, names the tenant, and a tenant over its quota gets 429 while
-another is served. Plus the flags themselves."""
+another is served; `/metrics`, given `--metrics-key`, needs that key and no other. Plus the
+flags themselves."""
 
 from __future__ import annotations
 
@@ -16,18 +17,26 @@ import pytest
 from coordinator.auth import ApiKeys, read_key_file
 from disagg.config import CoordinatorConfig
 from launcher.options import add_config_options, config_from_args, config_to_args
+from launcher.serve import SECRET_FIELDS, secret_env
 from tests.cluster_harness import wait_until
 from tests.coordinator.front_door import get, grpc_stub, infer_request, post
 from tests.inprocess_cluster import InProcessCluster
 
 ALPHA = {"Authorization": "Bearer k-alpha"}
+METRICS_KEY = "m-scrape"
+SCRAPE = {"Authorization": f"Bearer {METRICS_KEY}"}
 
 
 @pytest.fixture(scope="module")
 def serve(tiny_model_dir, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
     key_file.write_text("# key tenant\nk-alpha alpha\nk-beta beta\n")
-    options = dict(api_key=("k-plain",), api_keys=str(key_file), tenant_max_concurrent=1)
+    options = dict(
+        api_key=("k-plain",),
+        api_keys=str(key_file),
+        tenant_max_concurrent=1,
+        metrics_key=METRICS_KEY,
+    )
     with InProcessCluster(tiny_model_dir, **options) as cluster:
         yield cluster
 
@@ -64,13 +73,37 @@ def test_kserve_rest_without_a_key_is_401_in_kserves_shape(serve):
     assert status == 200 and reply["token_count"] == 1
 
 
-def test_health_readiness_metrics_and_openapi_stay_open(serve):
+def test_health_readiness_and_openapi_stay_open(serve):
     model = serve.model
     for path in (
-        "/health", "/metrics", "/cluster", "/openapi.json", "/v2/health/live", "/v2/health/ready",
+        "/health", "/cluster", "/openapi.json", "/v2/health/live", "/v2/health/ready",
         f"/v2/models/{model}/ready",
     ):  # fmt: skip
         assert get(serve.url + path) == 200, path
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, ALPHA, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {METRICS_KEY}"}],
+)
+def test_metrics_need_the_metrics_key_not_an_api_key(serve, headers):
+    status, reply, response_headers = post(f"{serve.url}/metrics", b"", headers)
+    assert status == 401 and "metrics key" in reply["error"], reply
+    assert response_headers["www-authenticate"] == "Bearer"
+    assert get(f"{serve.url}/metrics", headers) == 401
+
+
+def test_a_scrape_with_the_metrics_key_is_served(serve):
+    request = urllib.request.Request(f"{serve.url}/metrics", headers=SCRAPE)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200 and b"disagg_requests_running" in response.read()
+
+
+def test_metrics_key_is_handed_to_children_in_the_environment():
+    config = CoordinatorConfig(metrics_key="m")
+    assert secret_env(config)["DISAGG_METRICS_KEY"] == "m"
+    assert "m" not in config_to_args(config, SECRET_FIELDS)
+    assert ApiKeys.from_config(CoordinatorConfig()).check_metrics(None) is None  # open
 
 
 @pytest.mark.parametrize("key", ["k-plain", "k-alpha", "k-beta"])
@@ -85,7 +118,8 @@ def test_the_key_names_the_tenant_not_the_client(serve):
     url = f"{serve.url}/v2/models/{serve.model}/generate"
     body = {"text_input": "Hi", "parameters": {"max_tokens": 1, "tenant_id": "mallory"}}
     assert post(url, body, headers)[0] == 200
-    with urllib.request.urlopen(f"{serve.url}/metrics") as response:
+    request = urllib.request.Request(f"{serve.url}/metrics", headers=SCRAPE)
+    with urllib.request.urlopen(request) as response:
         metrics = response.read().decode()
     assert 'tenant="alpha"' in metrics and "mallory" not in metrics
     serve.wait_all_blocks_free()

@@ -75,10 +75,58 @@ def test_idle_tenants_are_forgotten(monkeypatch):
         quotas.admit(name).release()
     clock.now_s += 5
     quotas.admit("e").release()
-    assert len(quotas._buckets) <= 3
+    assert len(quotas._requests.levels) <= 3
 
 
 def test_no_limits_admit_everything():
     quotas = TenantQuotas()
     leases = [quotas.admit("a") for _ in range(1000)]
     assert len(leases) == 1000
+
+
+def test_tokens_per_minute_admit_until_in_debt_then_say_when_it_is_repaid():
+    clock = Clock()
+    quotas = TenantQuotas(max_tpm=60, clock=clock)  # one token per second, 60 at once
+    quotas.admit("a").release()
+    quotas.charge_tokens("a", 50)
+    quotas.admit("a").release()  # 10 left: not in debt
+    quotas.charge_tokens("a", 25)  # a request may overdraw: 15 in debt
+    with pytest.raises(QuotaExceededError) as refused:
+        quotas.admit("a")
+    assert refused.value.retry_after_s == 15 and "tokens per minute" in str(refused.value)
+    quotas.admit("b").release()  # another tenant has its own bucket
+    clock.now_s += 14
+    with pytest.raises(QuotaExceededError) as refused:
+        quotas.admit("a")
+    assert refused.value.retry_after_s == 1
+    clock.now_s += 1
+    quotas.admit("a").release()
+    clock.now_s += 3600
+    quotas.charge_tokens("a", 60)  # refills only up to a minute's worth
+    assert quotas._tokens.level("a") == 0
+
+
+def test_a_tenant_over_its_tokens_per_minute_gets_429_while_another_is_served():
+    from starlette.testclient import TestClient
+
+    from coordinator.app import build_app
+    from tests.coordinator.echo_cluster import MODEL, make_frontend
+
+    clock = Clock()
+    quotas = TenantQuotas(max_tpm=60, clock=clock)
+    frontend = make_frontend()
+    frontend.quotas = frontend.generator.quotas = quotas
+    client = TestClient(build_app(frontend))
+
+    def complete(tenant: str):
+        body = {"text_input": "x" * 40, "parameters": {"max_tokens": 30, "tenant_id": tenant}}
+        return client.post(f"/v2/models/{MODEL}/generate", json=body)
+
+    first = complete("alpha")  # 40 prompt + 30 generated tokens: 10 in debt
+    assert first.status_code == 200 and first.json()["token_count"] == 30
+    refused = complete("alpha")
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "10"
+    assert "tokens per minute" in refused.json()["error"]
+    assert complete("beta").status_code == 200
+    clock.now_s += 10
+    assert complete("alpha").status_code == 200
