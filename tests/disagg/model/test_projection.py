@@ -57,3 +57,34 @@ def test_prepacked_weight_matches_plain_linear():
     got = Projection(parts, fused=True, prepack=True)(x)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2, 3, 17])
+def test_every_kernel_computes_the_linear(num_tokens):
+    """float32 on CPU: the input-major mm (<= GEMV_MAX_ROWS rows) and the packed kernel
+    (more rows) both compute what nn.Linear computes."""
+    parts = linears([True, False, True])
+    x = torch.randn(num_tokens, 16)
+    expected = [linear(x) for linear in parts]
+    projection = Projection(parts, fused=True)
+    assert projection.weight_t is not None
+    assert projection.weight_t.is_contiguous() and projection.weight_t.shape == (16, 20)
+    for g, e in zip(projection(x), expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_input_major_layout_is_held_once():
+    """The linears' weights become views of the input-major copy: no second layout."""
+    parts = linears([False] * 3)
+    projection = Projection(parts, fused=True)
+    assert parts[0].weight.data_ptr() == projection.weight_t.data_ptr()
+    assert not parts[0].weight.is_contiguous()
+
+
+def test_a_tied_weight_is_left_alone():
+    (linear,) = linears([False], sizes=(8,))
+    before = linear.weight.data_ptr()
+    projection = Projection([linear], repoint=False)
+    assert linear.weight.data_ptr() == before and linear.weight.is_contiguous()
+    x = torch.randn(1, 16)
+    torch.testing.assert_close(projection(x), linear(x), rtol=1e-6, atol=1e-6)
