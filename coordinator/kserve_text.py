@@ -88,7 +88,7 @@ def parse_text_request(
             merged[tensor.name] = _parameter_value(tensor)
     return TextRequest(
         _prompts(text_input, tokenizer),
-        with_kserve_constraint(sampling_params(merged, len(tokenizer)), merged),
+        with_kserve_constraint(sampling_params(merged, tokenizer), merged),
         _tenant(merged.get("tenant_id")),
     )
 
@@ -249,15 +249,17 @@ PARAMETERS: dict[str, Callable[[str, object], object]] = {
 }
 
 
-def sampling_params(parameters: Mapping[str, Any], vocab_size: int) -> SamplingParams:
-    """SamplingParams from V2 parameters; unknown parameters are ignored, bad ones raise."""
+def sampling_params(parameters: Mapping[str, Any], tokenizer: Any) -> SamplingParams:
+    """SamplingParams from V2 parameters; unknown parameters are ignored, bad ones raise.
+    `logit_bias` ids must be in the tokenizer's vocabulary."""
     fields = {
         name: coerce(name, parameters[name])
         for name, coerce in PARAMETERS.items()
         if name != "tenant_id" and parameters.get(name) is not None
     }
     if "logit_bias" in fields:
-        fields["logit_bias"] = logit_bias_value("logit_bias", fields["logit_bias"], vocab_size)
+        bias = fields["logit_bias"]
+        fields["logit_bias"] = logit_bias_value("logit_bias", bias, len(tokenizer))
     return SamplingParams(**fields)
 
 
