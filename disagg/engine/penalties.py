@@ -48,7 +48,7 @@ def _penalized(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
     NOTE: only the (row, token) entries the tokens name are read and written: O(tokens), not
     O(b * V) elementwise work. A token seen twice is written twice with the same value, and
-    counts are sums of ones (exact in float), so the result is the same in any order a GPU
+    counts come from a sort (`torch.unique`), so the result is the same in any order a GPU
     runs the writes.
     """
     params = [seq.params for seq in seqs]
@@ -61,14 +61,12 @@ def _penalized(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         seen = flat_logits[keys]
         flat_logits[keys] = torch.where(seen > 0, seen / penalty, seen * penalty)
     if any(p.frequency_penalty or p.presence_penalty for p in params):
-        keys = token_keys([output_token_ids(seq) for seq in seqs], vocab_size, logits.device)
-        counts = torch.zeros_like(flat_logits).index_put_(
-            (keys,), torch.ones_like(keys, dtype=logits.dtype), accumulate=True
-        )
+        outputs = token_keys([output_token_ids(seq) for seq in seqs], vocab_size, logits.device)
+        keys, counts = torch.unique(outputs, return_counts=True)  # sorted, so deterministic
         rows = keys // vocab_size
         frequency = _values([p.frequency_penalty for p in params], logits)[rows]
         presence = _values([p.presence_penalty for p in params], logits)[rows]
-        flat_logits[keys] = flat_logits[keys] - counts[keys] * frequency - presence
+        flat_logits[keys] -= counts.to(logits.dtype) * frequency + presence
     return logits
 
 
