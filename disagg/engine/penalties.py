@@ -8,12 +8,12 @@ For the rows whose request asks for any, in this order (vLLM's):
 - frequency and presence penalties over the output (OpenAI's formula):
   l - c[t] * frequency_penalty - (c[t] > 0) * presence_penalty, c[t] the token's count.
 
-The state is the tokens themselves: counts are rebuilt from each sequence's token ids every
-step, gathered for the whole batch at once (vLLM's sampler also rebuilds its
-penalty tensors from the token lists each step), so nothing has to
-follow a sequence across a preemption, the prefill/decode split or a migration. After a
-migration the earlier output is the tail of the new prompt; `SamplingParams.num_resumed_tokens`
-says how long that tail is, so it still counts as output.
+The state is the tokens themselves: it is rebuilt from each sequence's token ids every step,
+for the whole batch at once (vLLM's sampler also rebuilds its penalty tensors from the token
+lists each step), so nothing has to follow a sequence across a preemption, the
+prefill/decode split or a migration. After a migration the earlier output is the tail of the
+new prompt; `SamplingParams.num_resumed_tokens` says how long that tail is, so it still counts
+as output.
 """
 
 from __future__ import annotations
