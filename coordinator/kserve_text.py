@@ -4,7 +4,9 @@ The prompt comes in exactly one BYTES input: `text_input` or `prompt` (one eleme
 prompt: B elements are a batch of B generations), or `messages` (chat messages as JSON
 objects or JSON strings, all rendered into one prompt by the chat template). Sampling comes
 from parameters (`max_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `stop`,
-`min_tokens`, `ignore_eos`, `tenant_id`), given for the request, on the prompt input, or as
+`min_tokens`, `ignore_eos`, `presence_penalty`, `frequency_penalty`, `repetition_penalty`,
+`logit_bias` (an object, or its JSON text where only scalars travel, as in gRPC),
+`tenant_id`), given for the request, on the prompt input, or as
 an input tensor of that name (the way Triton LLM ensembles take them), the more specific
 winning; other parameters are ignored. The answer is `text_output` and `finish_reason`
 (BYTES) and `token_count` (INT64, completion tokens), one element per prompt.
@@ -20,7 +22,13 @@ from typing import Any, Protocol
 
 from coordinator.frontend import MODEL_VERSION
 from coordinator.kserve_tensor import Tensor
-from coordinator.request_values import check_text, check_texts, seed_value, top_k_value
+from coordinator.request_values import (
+    check_text,
+    check_texts,
+    logit_bias_value,
+    seed_value,
+    top_k_value,
+)
 from coordinator.structured_output import with_kserve_constraint
 from disagg.engine.sampling_params import SamplingParams
 from disagg.errors import InvalidRequestError
@@ -80,7 +88,7 @@ def parse_text_request(
             merged[tensor.name] = _parameter_value(tensor)
     return TextRequest(
         _prompts(text_input, tokenizer),
-        with_kserve_constraint(sampling_params(merged), merged),
+        with_kserve_constraint(sampling_params(merged, tokenizer), merged),
         _tenant(merged.get("tenant_id")),
     )
 
@@ -205,6 +213,16 @@ def _as_bool(name: str, value: object) -> bool:
     raise InvalidRequestError(f"parameter {name} must be true or false, got {value!r}", name)
 
 
+def _json_object(name: str, value: object) -> object:
+    """An object as REST sends it, or its JSON text (gRPC parameters are scalars only)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise InvalidRequestError(f"parameter {name} must be a JSON object", name) from None
+
+
 def _as_stop(name: str, value: object) -> tuple[str, ...]:
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
@@ -223,17 +241,25 @@ PARAMETERS: dict[str, Callable[[str, object], object]] = {
     "stop": _as_stop,
     "min_tokens": _as_int,
     "ignore_eos": _as_bool,
+    "presence_penalty": _as_float,
+    "frequency_penalty": _as_float,
+    "repetition_penalty": _as_float,
+    "logit_bias": lambda name, value: _json_object(name, value),  # ids checked below
     "tenant_id": lambda name, value: value,  # checked by _tenant
 }
 
 
-def sampling_params(parameters: Mapping[str, Any]) -> SamplingParams:
-    """SamplingParams from V2 parameters; unknown parameters are ignored, bad ones raise."""
+def sampling_params(parameters: Mapping[str, Any], tokenizer: Any) -> SamplingParams:
+    """SamplingParams from V2 parameters; unknown parameters are ignored, bad ones raise.
+    `logit_bias` ids must be in the tokenizer's vocabulary."""
     fields = {
         name: coerce(name, parameters[name])
         for name, coerce in PARAMETERS.items()
         if name != "tenant_id" and parameters.get(name) is not None
     }
+    if "logit_bias" in fields:
+        bias = fields["logit_bias"]
+        fields["logit_bias"] = logit_bias_value("logit_bias", bias, len(tokenizer))
     return SamplingParams(**fields)
 
 

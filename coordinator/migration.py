@@ -72,6 +72,7 @@ def resumed_params(params: SamplingParams, num_produced: int) -> SamplingParams:
         max_tokens=params.max_tokens - num_produced,
         min_tokens=max(0, params.min_tokens - num_produced),
         seed=seed,
+        num_resumed_tokens=params.num_resumed_tokens + num_produced,  # penalties count them
     )
 
 

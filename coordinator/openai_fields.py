@@ -3,7 +3,8 @@
 Ranges (platform.openai.com/docs/api-reference): temperature [0, 2], top_p (0, 1] (0 would
 keep no token), presence_penalty and frequency_penalty [-2, 2], logit_bias values
 [-100, 100], stop up to 4 strings. Extensions clients send to vLLM-style servers keep vLLM's
-meaning: `top_k` -1 is off, `seed` -1 is random, `repetition_penalty` > 0, `min_tokens` >= 0.
+meaning: `top_k` -1 is off, `seed` -1 is random, `repetition_penalty` > 0 (here [1e-6, 1e6], so
+that a logit divided by it stays finite), `min_tokens` >= 0.
 `max_tokens`/`max_completion_tokens` of 0 is a 400, as vLLM answers it (a zero is a value,
 never "unset"); null is unset.
 """
@@ -12,19 +13,11 @@ from __future__ import annotations
 
 import math
 
-from coordinator.request_values import UINT32_LIMIT, check_text
+from coordinator.request_values import UINT32_LIMIT, check_text, logit_bias_value
+from disagg.engine.sampling_params import PENALTY_RANGE, REPETITION_PENALTY_RANGE
 from disagg.errors import InvalidRequestError
 
 MAX_STOP_SEQUENCES = 4
-PENALTY_RANGE = (-2.0, 2.0)
-LOGIT_BIAS_RANGE = (-100.0, 100.0)
-UNSUPPORTED_SAMPLING = {
-    "presence_penalty": (0.0, *PENALTY_RANGE, False),
-    "frequency_penalty": (0.0, *PENALTY_RANGE, False),
-    "repetition_penalty": (1.0, 0.0, 1e6, True),
-}
-"""name -> (neutral, low, high, is_low_open). Accepted at the neutral value, which clients send
-by default; the sampler applies no other yet."""
 
 
 def number(
@@ -76,24 +69,14 @@ def stop_strings(body: dict) -> tuple[str, ...]:
     return tuple(check_text("stop", s) for s in stops)
 
 
-def check_unsupported_sampling(body: dict, vocab_size: int) -> None:
-    """Penalties and logit_bias: range-checked as documented, then refused unless neutral."""
-    for name, (neutral, low, high, is_low_open) in UNSUPPORTED_SAMPLING.items():
-        if number(body, name, neutral, low, high, is_low_open) != neutral:
-            raise InvalidRequestError(f"{name} other than {neutral} is not supported", name)
-    bias = body.get("logit_bias")
-    if bias is None:
-        return
-    if not isinstance(bias, dict):
-        raise InvalidRequestError("logit_bias must be an object of token id -> bias", "logit_bias")
-    for key, value in bias.items():
-        if not (key.isdigit() and int(key) < vocab_size):
-            raise InvalidRequestError(
-                f"logit_bias keys must be token ids in [0, {vocab_size})", "logit_bias"
-            )
-        number({"logit_bias": value}, "logit_bias", 0.0, *LOGIT_BIAS_RANGE)
-    if bias:
-        raise InvalidRequestError("logit_bias is not supported", "logit_bias")
+def penalties(body: dict, vocab_size: int) -> dict:
+    """The penalties and logit_bias, range-checked as documented, as SamplingParams keywords."""
+    return {
+        "presence_penalty": number(body, "presence_penalty", 0.0, *PENALTY_RANGE),
+        "frequency_penalty": number(body, "frequency_penalty", 0.0, *PENALTY_RANGE),
+        "repetition_penalty": number(body, "repetition_penalty", 1.0, *REPETITION_PENALTY_RANGE),
+        "logit_bias": logit_bias_value("logit_bias", body.get("logit_bias"), vocab_size),
+    }
 
 
 JSON_TYPES = {

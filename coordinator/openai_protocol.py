@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from coordinator.generation import DEFAULT_TENANT, GenerationRequest
 from coordinator.openai_fields import (
     check_json_types,
-    check_unsupported_sampling,
     integer,
     max_new_tokens,
     number,
+    penalties,
     stop_strings,
 )
 from coordinator.request_values import UINT32_LIMIT, UINT64_LIMIT, seed_value, top_k_value
@@ -64,8 +64,11 @@ def reject_unsupported(body: dict) -> None:
         raise InvalidRequestError("best_of other than 1 is not supported", "best_of")
 
 
-def sampling_params(body: dict, max_tokens: int, logprobs: int | None) -> SamplingParams:
-    """OpenAI's documented ranges (see `openai_fields`); vLLM's -1 for top_k and seed."""
+def sampling_params(
+    body: dict, max_tokens: int, logprobs: int | None, steering: dict
+) -> SamplingParams:
+    """OpenAI's documented ranges (see `openai_fields`); vLLM's -1 for top_k and seed.
+    `steering`: the penalties and logit_bias, read once per request (`penalties`)."""
     top_k = body.get("top_k")
     seed = body.get("seed")
     return SamplingParams(
@@ -78,6 +81,7 @@ def sampling_params(body: dict, max_tokens: int, logprobs: int | None) -> Sampli
         ignore_eos=field(body, "ignore_eos", bool, False),
         min_tokens=integer(body, "min_tokens", 0, 0, UINT32_LIMIT - 1),
         logprobs=logprobs,
+        **steering,
     )
 
 
@@ -142,7 +146,7 @@ def max_tokens(body: dict, prompt_len: int, model: ModelInfo, default: int | Non
 def parse_completion(body: dict, model: ModelInfo, tenant_header: str | None) -> ParsedRequest:
     check_json_types(body)
     reject_unsupported(body)
-    check_unsupported_sampling(body, len(model.tokenizer))
+    steering = penalties(body, len(model.tokenizer))
     logprobs = field(body, "logprobs", int)
     if logprobs is not None and not 0 <= logprobs <= 5:
         raise InvalidRequestError("logprobs must be in [0, 5] for completions", "logprobs")
@@ -154,7 +158,8 @@ def parse_completion(body: dict, model: ModelInfo, tenant_header: str | None) ->
         prompts,
         body,
         lambda ids: with_constraint(
-            sampling_params(body, max_tokens(body, len(ids), model, 16), logprobs), constraint
+            sampling_params(body, max_tokens(body, len(ids), model, 16), logprobs, steering),
+            constraint,
         ),
         tenant(body, tenant_header),
     )
@@ -164,7 +169,7 @@ def parse_completion(body: dict, model: ModelInfo, tenant_header: str | None) ->
 def parse_chat(body: dict, model: ModelInfo, tenant_header: str | None) -> ParsedRequest:
     check_json_types(body)
     reject_unsupported(body)
-    check_unsupported_sampling(body, len(model.tokenizer))
+    steering = penalties(body, len(model.tokenizer))
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise InvalidRequestError("messages must be a list of messages", "messages")
@@ -181,7 +186,7 @@ def parse_chat(body: dict, model: ModelInfo, tenant_header: str | None) -> Parse
         [prompt_ids],
         body,
         lambda ids: with_constraint(
-            sampling_params(body, max_tokens(body, len(ids), model, None), logprobs),
+            sampling_params(body, max_tokens(body, len(ids), model, None), logprobs, steering),
             structure.constraint,
         ),
         tenant(body, tenant_header),

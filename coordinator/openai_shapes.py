@@ -1,4 +1,12 @@
-"""The JSON shapes of OpenAI's completion and chat responses, chunks and logprobs."""
+"""The JSON shapes of OpenAI's completion and chat responses, chunks and logprobs.
+
+Logprobs as OpenAI gives them: chat's `content` entries carry the token, its logprob, its
+bytes (coordinator/token_bytes.py) and `top_logprobs` alternatives; legacy completions give
+`tokens`, `token_logprobs`, `top_logprobs` (token -> logprob, the sampled token included, so
+"up to logprobs + 1 entries") and `text_offset`, counted from the start of the choice's text
+across a stream's chunks. A token the model rules out (a constraint, min_tokens) has logprob
+-inf, which JSON cannot carry: it is written as -9999.0, as vLLM writes it.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +14,20 @@ import time
 
 from coordinator.generation import Completion, TextChunk
 from coordinator.openai_protocol import ParsedRequest
+from coordinator.token_bytes import token_bytes_for
 from coordinator.tool_call_output import ToolCallDeltas, tool_call_message
 from disagg.engine.sequence import TokenLogprob
+
+MIN_LOGPROB = -9999.0
+"""What -inf is written as (vLLM's choice): JSON has no infinity."""
 
 
 def token_text(tokenizer: object, token_id: int) -> str:
     return tokenizer.decode([token_id])
+
+
+def finite(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
 
 
 def usage(parsed: ParsedRequest, completion_counts: list[int]) -> dict:
@@ -67,11 +83,15 @@ class CompletionShape(Shape):
     object_name = "text_completion"
     chunk_object = "text_completion"
 
+    def __init__(self, tokenizer: object) -> None:
+        super().__init__(tokenizer)
+        self._text_offsets: dict[int, int] = {}  # one response's streamed text so far, by choice
+
     def choice(self, index: int, completion: Completion, parsed: ParsedRequest) -> dict:
         return {
             "index": index,
             "text": completion.text,
-            "logprobs": self._logprobs(completion.logprobs, parsed),
+            "logprobs": self._logprobs(index, completion.logprobs, parsed),
             "finish_reason": completion.finish_reason,
         }
 
@@ -79,23 +99,35 @@ class CompletionShape(Shape):
         choice = {
             "index": index,
             "text": chunk.text,
-            "logprobs": self._logprobs(chunk.logprobs, parsed),
+            "logprobs": self._logprobs(index, chunk.logprobs, parsed),
             "finish_reason": chunk.finish_reason,
         }
         return self.envelope(response_id, created, model, [choice])
 
-    def _logprobs(self, logprobs: list[TokenLogprob], parsed: ParsedRequest) -> dict | None:
+    def _logprobs(
+        self, index: int, logprobs: list[TokenLogprob], parsed: ParsedRequest
+    ) -> dict | None:
         if parsed.logprobs is None:
             return None
         tokens = [token_text(self.tokenizer, lp.token_id) for lp in logprobs]
+        offsets = []
+        for token in tokens:
+            offsets.append(self._text_offsets.get(index, 0))
+            self._text_offsets[index] = offsets[-1] + len(token)
         return {
             "tokens": tokens,
-            "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [
-                {token_text(self.tokenizer, t): v for t, v in lp.top} for lp in logprobs
-            ],
-            "text_offset": [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))],
+            "token_logprobs": [finite(lp.logprob) for lp in logprobs],
+            "top_logprobs": [self._top(lp) for lp in logprobs],
+            "text_offset": offsets,
         }
+
+    def _top(self, logprob: TokenLogprob) -> dict[str, float]:
+        """The alternatives and the sampled token, most likely first."""
+        pairs = [*logprob.top, (logprob.token_id, logprob.logprob)]
+        top: dict[str, float] = {}
+        for token_id, value in sorted(pairs, key=lambda pair: -pair[1]):
+            top.setdefault(token_text(self.tokenizer, token_id), finite(value))
+        return top
 
 
 class ChatShape(Shape):
@@ -145,14 +177,16 @@ class ChatShape(Shape):
     def _logprobs(self, logprobs: list[TokenLogprob], parsed: ParsedRequest) -> dict | None:
         if parsed.logprobs is None:
             return None
+        token_bytes = token_bytes_for(self.tokenizer)
 
         def entry(token_id: int, logprob: float) -> dict:
             text = token_text(self.tokenizer, token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            return {"token": text, "logprob": finite(logprob), "bytes": list(token_bytes(token_id))}
 
         return {
             "content": [
                 {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
                 for lp in logprobs
-            ]
+            ],
+            "refusal": None,
         }

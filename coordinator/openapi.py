@@ -8,9 +8,14 @@ the server checks; the fuzz tests draw bodies from them. Responses are described
 from __future__ import annotations
 
 from coordinator.frontend import SERVER_VERSION
-from coordinator.openai_fields import LOGIT_BIAS_RANGE, MAX_STOP_SEQUENCES, PENALTY_RANGE
+from coordinator.openai_fields import MAX_STOP_SEQUENCES
 from coordinator.openai_protocol import MAX_N
 from coordinator.request_values import INT64_MIN, UINT32_LIMIT, UINT64_LIMIT
+from disagg.engine.sampling_params import (
+    LOGIT_BIAS_RANGE,
+    PENALTY_RANGE,
+    REPETITION_PENALTY_RANGE,
+)
 
 OPENAI_ERROR = {
     "type": "object",
@@ -63,13 +68,16 @@ SAMPLING = {
     "min_tokens": _int(0, UINT32_LIMIT - 1),
     "ignore_eos": {"type": "boolean"},
     "n": _int(1, MAX_N),
-    "presence_penalty": _range(*PENALTY_RANGE, description="only 0 is supported"),
-    "frequency_penalty": _range(*PENALTY_RANGE, description="only 0 is supported"),
-    "repetition_penalty": _range(0, 1e6, exclusiveMinimum=0, description="only 1"),
+    "presence_penalty": _range(*PENALTY_RANGE, description="over the output tokens"),
+    "frequency_penalty": _range(*PENALTY_RANGE, description="over the output tokens"),
+    "repetition_penalty": _range(
+        *REPETITION_PENALTY_RANGE, description="over prompt and output tokens; 1 is off"
+    ),
     "logit_bias": {
         "type": "object",
+        "propertyNames": {"pattern": "^[0-9]{1,10}$"},
         "additionalProperties": _range(*LOGIT_BIAS_RANGE),
-        "description": "token id -> bias; only {} is supported",
+        "description": "token id -> bias added to its logit",
     },
     "user": {"type": "string"},
     "stream": {"type": "boolean"},
@@ -135,7 +143,10 @@ KSERVE_PARAMETERS = {
     "type": "object",
     "properties": {
         name: SAMPLING[name]
-        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "min_tokens")
+        for name in (
+            *("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "min_tokens"),
+            *("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"),
+        )
     }
     | {"ignore_eos": {"type": "boolean"}, "tenant_id": {"type": "string", "maxLength": 128}},
 }

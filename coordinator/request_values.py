@@ -1,13 +1,16 @@
 """Values every protocol reads the same way, checked at the front door: text that must be valid
-Unicode, and the integers whose client conventions (`-1` for "random" or "off") and ranges
-differ from the control plane's unsigned wire fields (`proto/control.proto`: uint64 seed,
-uint32 top_k). A value that cannot be carried is a 400 naming its field here, before any KV
-block is allocated, rather than an error when the control message is written."""
+Unicode, `logit_bias` objects, and the integers whose client conventions (`-1` for "random"
+or "off") and ranges differ from the control plane's unsigned wire fields
+(`proto/control.proto`: uint64 seed, uint32 top_k). A value that cannot be carried is a 400
+naming its field here, before any KV block is allocated, rather than an error when the
+control message is written."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
+from disagg.engine.sampling_params import LOGIT_BIAS_RANGE
 from disagg.errors import InvalidRequestError
 
 UINT32_LIMIT = 2**32
@@ -71,3 +74,32 @@ def top_k_value(name: str, value: object) -> int:
             f"{name} must be -1 (off), 0 (off) or in [1, 2^32), got {top_k}", name
         )
     return top_k
+
+
+def logit_bias_value(name: str, value: object, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `logit_bias`: an object of token id (a decimal string, as JSON keys are) ->
+    bias in [-100, 100]. Returns (token id, bias) pairs sorted by id, as SamplingParams
+    keeps them."""
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise InvalidRequestError(f"{name} must be an object of token id -> bias", name)
+    pairs = []
+    for key, bias in value.items():
+        token_id = key if type(key) is int else int(key) if _is_decimal(key) else None
+        if token_id is None or not 0 <= token_id < vocab_size:
+            raise InvalidRequestError(f"{name} keys must be token ids in [0, {vocab_size})", name)
+        low, high = LOGIT_BIAS_RANGE
+        is_number = isinstance(bias, (int, float)) and not isinstance(bias, bool)
+        if not (is_number and math.isfinite(bias) and low <= bias <= high):
+            raise InvalidRequestError(
+                f"{name} values must be numbers in [{low}, {high}], got {bias!r}", name
+            )
+        pairs.append((token_id, float(bias)))
+    if len({token_id for token_id, _ in pairs}) != len(pairs):
+        raise InvalidRequestError(f"{name} names a token id twice", name)
+    return tuple(sorted(pairs))
+
+
+def _is_decimal(key: object) -> bool:
+    return isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10

@@ -1,9 +1,12 @@
 """Choosing the next token for every sequence of a batch from its logits.
 
-Greedy rows take the argmax of the raw logits. Sampled rows go through
-temperature, top-k and top-p together (one sort for the whole batch), then draw
-with the sequence's own generator, so a seeded request gets the same tokens in
-any batch. Logprobs are always those of the model's raw distribution.
+Rows whose request asks for penalties or logit_bias are adjusted first
+(disagg/engine/penalties.py). Greedy rows then take the argmax. Sampled rows go
+through temperature, top-k and top-p together (one sort for the whole batch),
+then draw with the sequence's own generator, so a seeded request gets the same
+tokens in any batch. Logprobs are those of the model's distribution before
+penalties and logit_bias (vLLM's default, "raw_logprobs"): what the model
+thinks of the token, not how the request steered the choice.
 
 NOTE: a seeded draw's RNG state is a function of (seed, output position) alone,
 not of how many draws came before in this process, so a request prefilled on
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from disagg.engine.penalties import apply_penalties
 from disagg.engine.sequence import Sequence, TokenLogprob
 
 
@@ -28,16 +32,17 @@ class SamplerOutput:
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
     """logits: [B, V] float32, one row per sequence in `seqs`.
 
-    NOTE: an all-greedy batch without logprobs (the common case) is one argmax
-    and one device-to-host copy; nothing else touches the logits.
+    NOTE: an all-greedy batch without logprobs or penalties (the common case) is
+    one argmax and one device-to-host copy; nothing else touches the logits.
     """
-    token_ids = logits.argmax(dim=-1)  # [B]
+    adjusted = apply_penalties(logits, seqs)  # [B, V]; `logits` itself when none asks
+    token_ids = adjusted.argmax(dim=-1)  # [B]
     sampled_rows = [i for i, seq in enumerate(seqs) if not seq.params.is_greedy]
     if not sampled_rows and all(seq.params.logprobs is None for seq in seqs):
         return SamplerOutput(token_ids.tolist(), [None] * len(seqs))
     if sampled_rows:
         rows = torch.tensor(sampled_rows, device=logits.device)
-        draws = _sample_rows(logits[rows], [seqs[i] for i in sampled_rows])
+        draws = _sample_rows(adjusted[rows], [seqs[i] for i in sampled_rows])
         token_ids[rows] = draws
     chosen = token_ids.tolist()
     return SamplerOutput(chosen, _logprobs(logits, seqs, chosen))

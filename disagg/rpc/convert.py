@@ -19,7 +19,13 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         ignore_eos=params.ignore_eos,
         min_tokens=params.min_tokens,
         constraint=params.constraint,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        logit_bias=dict(params.logit_bias),
+        num_resumed_tokens=params.num_resumed_tokens,
     )
+    if params.repetition_penalty != 1.0:
+        message.repetition_penalty = params.repetition_penalty
     if params.seed is not None:
         message.seed = params.seed
     if params.logprobs is not None:
@@ -40,6 +46,13 @@ def sampling_from_proto(message: pb.SamplingParams) -> SamplingParams:
         min_tokens=message.min_tokens,
         logprobs=message.logprobs if message.HasField("logprobs") else None,
         constraint=message.constraint,
+        presence_penalty=message.presence_penalty,
+        frequency_penalty=message.frequency_penalty,
+        repetition_penalty=(
+            message.repetition_penalty if message.HasField("repetition_penalty") else 1.0
+        ),
+        logit_bias=tuple(sorted(message.logit_bias.items())),
+        num_resumed_tokens=message.num_resumed_tokens,
     )
 
 

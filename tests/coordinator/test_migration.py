@@ -47,6 +47,7 @@ def test_a_decode_stream_that_breaks_continues_on_another_worker_with_the_rest()
     again = healthy.allocations[0]
     assert list(again.prompt_token_ids) == PROMPT + expected_tokens(PROMPT, num_sent)
     assert again.sampling.max_tokens == MAX_TOKENS - num_sent
+    assert again.sampling.num_resumed_tokens == num_sent, "penalties count them as output"
     assert broken.freed == ["d0-h1"], "the broken stream's handle is given back"
     assert scheduler.registry.get("d0") is None, "UNAVAILABLE takes a worker out at once"
     assert trace.migrations == ["decode_failed"] and len(trace.recovery_s) == 1
@@ -180,6 +181,7 @@ def test_budgets_count_across_a_migration():
     params = SamplingParams(max_tokens=10, min_tokens=6, seed=3, stop_token_ids=(2,))
     rest = resumed_params(params, 4)
     assert (rest.max_tokens, rest.min_tokens, rest.stop_token_ids) == (6, 2, (2,))
+    assert rest.num_resumed_tokens == 4 and resumed_params(rest, 3).num_resumed_tokens == 7
     assert resumed_params(params, 8).min_tokens == 0
     assert resumed_params(params, 0) is params
 
