@@ -33,6 +33,7 @@ from coordinator.migration import (
     LostFlag,
     LostWatch,
     WorkerFault,
+    close_quietly,
     first_of,
     is_worker_fault,
     next_or_none,
@@ -40,6 +41,7 @@ from coordinator.migration import (
 )
 from coordinator.registry import WorkerRecord, WorkerRegistry, keepalive_options
 from coordinator.request_timing import RequestTrace
+from disagg import tracing
 from disagg.config import DispatchConfig
 from disagg.engine.sampling_params import SamplingParams
 from disagg.engine.sequence import TokenLogprob
@@ -127,6 +129,10 @@ class ClusterScheduler:
             ) from fault
         trace.migrations.append(fault.cause)
         avoid.add(fault.worker_id)
+        span = tracing.current_span()
+        if span is not None:
+            moved = {"cause": fault.cause, "worker": fault.worker_id, "num_produced": num_produced}
+            span.add_event("migration", moved)
         log.warning(
             "request %s: %s; migrating after %d tokens (%s)",
             trace.request_id, fault, num_produced, fault.cause,
@@ -136,9 +142,12 @@ class ClusterScheduler:
         self, prompt_ids: list[int], params: SamplingParams, trace: RequestTrace, avoid: set[str]
     ) -> AsyncIterator[TokenUpdate]:
         """One placement of the sequence: allocate, prefill, decode; WorkerFault on a fault."""
-        (decode, handle), queue_s = await self.admission.admit(
-            lambda: self._allocate(trace.request_id, prompt_ids, params, avoid)
-        )
+        with tracing.span("admission", num_prompt_tokens=len(prompt_ids)) as span:
+            (decode, handle), queue_s = await self.admission.admit(
+                lambda: self._allocate(trace.request_id, prompt_ids, params, avoid)
+            )
+            span.set_attribute("queue_s", queue_s)
+            span.set_attribute("decode_worker", decode.worker_id)
         trace.queue_s += queue_s
         trace.decode_worker = decode.worker_id
         num_blocks = self.registry.blocks_for(
@@ -346,6 +355,7 @@ class ClusterScheduler:
             ) from error
         finally:
             stream.cancel()
+            await close_quietly(events)
 
     def _drop_if_unreachable(self, worker: WorkerRecord, error: grpc.aio.AioRpcError) -> None:
         """UNAVAILABLE: the worker is gone or cut off; out of rotation now, not a sweep later."""
