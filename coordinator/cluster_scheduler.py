@@ -186,13 +186,19 @@ class ClusterScheduler:
         params: SamplingParams,
         avoid: AbstractSet[str] = frozenset(),
     ) -> tuple[WorkerRecord, pb.KVHandle] | None:
-        """Try decode workers, most free blocks first, none this request saw fail; None when
-        none has room now."""
-        healthy = [w for w in self.registry.healthy("decode") if w.worker_id not in avoid]
-        candidates = sorted(healthy, key=lambda w: -w.free_blocks_estimate)
+        """Try decode workers, most free blocks first, those this request saw fail only when
+        no other is left; None when none has room now.
+
+        NOTE: a worker that is gone has left the rotation; one this request saw fail that
+        is still in it may well serve the next attempt (a stall is often just load, e.g.
+        after taking over a lost worker's sequences), so it is a last resort, not barred.
+        `max_migrations` still bounds the retries.
+        """
+        healthy = self.registry.healthy("decode")
+        fresh = [w for w in healthy if w.worker_id not in avoid]
+        candidates = sorted(fresh or healthy, key=lambda w: -w.free_blocks_estimate)
         if not candidates:
-            left = " that this request has not seen fail" if avoid else ""
-            raise WorkerError(f"no decode worker is registered{left}")
+            raise WorkerError("no decode worker is registered")
         check_fits([w.info for w in candidates], prompt_ids, params.max_tokens)
         request = pb.AllocateRequest(
             request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling_to_proto(params)
