@@ -33,6 +33,7 @@ from coordinator.migration import (
     LostFlag,
     LostWatch,
     WorkerFault,
+    close_quietly,
     first_of,
     is_worker_fault,
     next_or_none,
@@ -40,6 +41,7 @@ from coordinator.migration import (
 )
 from coordinator.registry import WorkerRecord, WorkerRegistry, keepalive_options
 from coordinator.request_timing import RequestTrace
+from disagg import tracing
 from disagg.config import DispatchConfig
 from disagg.engine.sampling_params import SamplingParams
 from disagg.engine.sequence import TokenLogprob
@@ -127,6 +129,10 @@ class ClusterScheduler:
             ) from fault
         trace.migrations.append(fault.cause)
         avoid.add(fault.worker_id)
+        span = tracing.current_span()
+        if span is not None:
+            moved = {"cause": fault.cause, "worker": fault.worker_id, "num_produced": num_produced}
+            span.add_event("migration", moved)
         log.warning(
             "request %s: %s; migrating after %d tokens (%s)",
             trace.request_id, fault, num_produced, fault.cause,
@@ -136,9 +142,12 @@ class ClusterScheduler:
         self, prompt_ids: list[int], params: SamplingParams, trace: RequestTrace, avoid: set[str]
     ) -> AsyncIterator[TokenUpdate]:
         """One placement of the sequence: allocate, prefill, decode; WorkerFault on a fault."""
-        (decode, handle), queue_s = await self.admission.admit(
-            lambda: self._allocate(trace.request_id, prompt_ids, params, avoid)
-        )
+        with tracing.span("admission", num_prompt_tokens=len(prompt_ids)) as span:
+            (decode, handle), queue_s = await self.admission.admit(
+                lambda: self._allocate(trace.request_id, prompt_ids, params, avoid)
+            )
+            span.set_attribute("queue_s", queue_s)
+            span.set_attribute("decode_worker", decode.worker_id)
         trace.queue_s += queue_s
         trace.decode_worker = decode.worker_id
         num_blocks = self.registry.blocks_for(
@@ -177,13 +186,19 @@ class ClusterScheduler:
         params: SamplingParams,
         avoid: AbstractSet[str] = frozenset(),
     ) -> tuple[WorkerRecord, pb.KVHandle] | None:
-        """Try decode workers, most free blocks first, none this request saw fail; None when
-        none has room now."""
-        healthy = [w for w in self.registry.healthy("decode") if w.worker_id not in avoid]
-        candidates = sorted(healthy, key=lambda w: -w.free_blocks_estimate)
+        """Try decode workers, most free blocks first, those this request saw fail only when
+        no other is left; None when none has room now.
+
+        NOTE: a worker that is gone has left the rotation; one this request saw fail that
+        is still in it may well serve the next attempt (a stall is often just load, e.g.
+        after taking over a lost worker's sequences), so it is a last resort, not barred.
+        `max_migrations` still bounds the retries.
+        """
+        healthy = self.registry.healthy("decode")
+        fresh = [w for w in healthy if w.worker_id not in avoid]
+        candidates = sorted(fresh or healthy, key=lambda w: -w.free_blocks_estimate)
         if not candidates:
-            left = " that this request has not seen fail" if avoid else ""
-            raise WorkerError(f"no decode worker is registered{left}")
+            raise WorkerError("no decode worker is registered")
         check_fits([w.info for w in candidates], prompt_ids, params.max_tokens)
         request = pb.AllocateRequest(
             request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling_to_proto(params)
@@ -346,6 +361,7 @@ class ClusterScheduler:
             ) from error
         finally:
             stream.cancel()
+            await close_quietly(events)
 
     def _drop_if_unreachable(self, worker: WorkerRecord, error: grpc.aio.AioRpcError) -> None:
         """UNAVAILABLE: the worker is gone or cut off; out of rotation now, not a sweep later."""

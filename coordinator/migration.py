@@ -17,6 +17,7 @@ leaving the rotation (`LostWatch`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import contextmanager
@@ -122,6 +123,16 @@ async def next_or_none(items: AsyncIterator[T]) -> T | None:
         return await anext(items)
     except StopAsyncIteration:
         return None
+
+
+async def close_quietly(items: AsyncIterator[T]) -> None:
+    """Close an async iterator we stopped reading, so that its `finally` runs now, not when
+    it is garbage collected (gRPC's tracing wrapper ends a stream's span there). One still
+    inside a cancelled read is left to that cancellation."""
+    aclose = getattr(items, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(RuntimeError):  # "already running": the read still unwinds
+            await aclose()
 
 
 async def first_of(work: Awaitable[T], flags: list[LostFlag], timeout_s: float | None) -> T:

@@ -6,8 +6,10 @@ import asyncio
 import tempfile
 
 from decode_worker.colocated import ColocatedPrefillService
-from decode_worker.kv_handles import HandleTable
+from decode_worker.kv_handles import HandleHooks, HandleTable
+from decode_worker.kv_receive_spans import KVReceiveSpans
 from decode_worker.service import DecodeService, SettleWaiters
+from disagg import tracing
 from disagg.config import DecodeWorkerConfig, EngineConfig, WorkerConfig
 from disagg.engine.llm_engine import LLMEngine
 from disagg.engine.worker_loop import EngineLoop
@@ -36,15 +38,18 @@ async def run(
     watch_parent()
     apply_threads(config)
     engine = LLMEngine(engine_config)
+    role = "colocated" if decode.colocated else "decode"
     waiters = SettleWaiters()
+    hooks: list[HandleHooks] = [waiters]
+    if tracing.setup(f"disagg-{role}-worker") and not decode.colocated:
+        hooks.append(KVReceiveSpans())
     table = HandleTable(
         engine.block_manager,
         engine.kv_cache,
         decode.ready_timeout_s,
         decode.claim_timeout_s,
-        hooks=[waiters],
+        hooks=hooks,
     )
-    role = "colocated" if decode.colocated else "decode"
     worker_id = resolved_id(config, role)
     receiver = None
     if not decode.colocated:

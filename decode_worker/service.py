@@ -6,10 +6,12 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from decode_worker.kv_handles import FreeReason, HandleHooks, HandleTable, KVHandle
+from disagg import tracing
 from disagg.engine.llm_engine import LLMEngine
 from disagg.engine.sequence import Sequence, SequenceStatus
 from disagg.engine.worker_loop import Abort, Admit, EngineLoop, SequenceListener
@@ -30,6 +32,8 @@ class TokenOut:
     finish_reason: str = ""
     logprob: object = None
     error: str = ""
+    step: tuple[int, int] | None = None
+    """(step number, sequences in that step) while tracing: the decode step batch it was in."""
 
 
 class DecodeStream(SequenceListener):
@@ -39,15 +43,40 @@ class DecodeStream(SequenceListener):
         self.events: ThreadSafeQueue[TokenOut] = ThreadSafeQueue()
 
     def on_token(self, seq: Sequence) -> None:
+        self.events.put(self.token_out(seq))
+
+    def token_out(self, seq: Sequence) -> TokenOut:
         logprob = seq.output_logprobs[-1] if seq.params.logprobs is not None else None
         reason = seq.finish_reason or ""
-        self.events.put(TokenOut(seq.output_token_ids[-1], time.time(), reason, logprob))
+        return TokenOut(seq.output_token_ids[-1], time.time(), reason, logprob)
 
     def on_finished(self, seq: Sequence) -> None:
         self.events.put(TokenOut(None, time.time(), seq.finish_reason or "abort"))
 
     def on_error(self, seq: Sequence, error: Exception) -> None:
         self.events.put(TokenOut(None, time.time(), "error", error=str(error)))
+
+
+class TracedDecodeStream(DecodeStream):
+    """A DecodeStream whose tokens also say which step batch made them (tracing on only)."""
+
+    def __init__(self, loop: EngineLoop) -> None:
+        super().__init__()
+        self.loop = loop
+
+    def token_out(self, seq: Sequence) -> TokenOut:
+        token = super().token_out(seq)
+        token.step = (self.loop.num_steps, self.loop.num_in_last_step)
+        return token
+
+
+def step_event(span: Any, token: TokenOut) -> None:
+    """One `decode.step` event on the Decode RPC's span per step the sequence was in (not a
+    span per token: a long stream would make thousands). No token ids: spans leave the
+    cluster, and the text is the client's."""
+    step, batch_size = token.step or (0, 0)
+    attributes = {"step": step, "batch_size": batch_size}
+    span.add_event("decode.step", attributes, timestamp=int(token.time_unix_s * 1e9))
 
 
 class SettleWaiters(HandleHooks):
@@ -143,7 +172,8 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"KV handle failed: {reason}")
         seq = handle.sequence
         seq.output_token_ids.append(request.first_token_id)
-        stream = DecodeStream()
+        span = tracing.current_span()
+        stream = DecodeStream() if span is None else TracedDecodeStream(self.loop)
         self._decoding[handle.handle_id] = seq
         self.loop.submit(Admit(seq, stream))
         reason = FreeReason.CANCELLED
@@ -159,6 +189,8 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
                         time_unix_s=event.time_unix_s, finish_reason=event.finish_reason
                     )
                     return
+                if span is not None:
+                    step_event(span, event)
                 yield pb.TokenEvent(
                     token_id=event.token_id,
                     time_unix_s=event.time_unix_s,

@@ -78,6 +78,9 @@ class EngineLoop:
         self._tick_s = tick_s
         self._commands: queue.Queue[Command] = queue.Queue()
         self._listeners: dict[int, SequenceListener] = {}
+        self.num_steps = 0
+        """Steps run; with num_in_last_step, which step batch a listener's call is about."""
+        self.num_in_last_step = 0
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
@@ -109,6 +112,7 @@ class EngineLoop:
             is_idle = True
             if self.engine.has_unfinished:
                 output = self.engine.step(self._on_layer)
+                self.num_steps, self.num_in_last_step = self.num_steps + 1, output.num_scheduled
                 self._dispatch(output)
                 is_idle = output.is_idle  # e.g. waiting for blocks: sleep until a Wake
 

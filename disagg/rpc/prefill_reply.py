@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+from disagg import tracing
 from disagg.engine.sequence import Sequence
 from disagg.engine.worker_loop import Abort, Admit, EngineLoop, SequenceListener
 from disagg.rpc import control_pb2 as pb
@@ -93,7 +94,26 @@ async def run_prefill(loop: EngineLoop, seq: Sequence, result: PrefillResult) ->
     seq.is_prefill_only = True
     loop.submit(Admit(seq, result))
     try:
-        return await result.future
+        reply = await result.future
     except BaseException:
         loop.submit(Abort(seq))
         raise
+    if tracing.is_active():
+        trace_phases(reply, seq.num_prompt_tokens)
+    return reply
+
+
+def trace_phases(reply: pb.PrefillResponse, num_prompt_tokens: int) -> None:
+    """The prefill's phases as spans under the Prefill RPC's, placed back from the reply's
+    timings (measured on the engine thread, which opens no span). The KV send overlaps the
+    forward (each layer leaves as it is computed); its tail after the forward is
+    `transfer_s`. A colocated prefill ships nothing and has no `kv.send`."""
+    end_ns = time.time_ns()
+    computed_ns = end_ns - int(reply.transfer_s * 1e9)
+    started_ns = computed_ns - int(reply.prefill_s * 1e9)
+    tracing.record_span("prefill.queue", started_ns - int(reply.queue_s * 1e9), started_ns)
+    forward = {"num_prompt_tokens": num_prompt_tokens}
+    tracing.record_span("prefill.forward", started_ns, computed_ns, forward)
+    if reply.kv_bytes:
+        sent = {"kv_bytes": reply.kv_bytes, "tail_s": reply.transfer_s}
+        tracing.record_span("kv.send", started_ns, end_ns, sent)

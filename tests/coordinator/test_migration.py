@@ -208,3 +208,20 @@ def test_migrations_and_recovery_reach_the_metrics():
     text = metrics.registry
     assert text.get_sample_value("disagg_migrations_total", {"model": "m", "cause": "stall"}) == 1
     assert text.get_sample_value("disagg_recovery_seconds_count", {"model": "m"}) == 2
+
+
+def test_a_stall_on_the_last_decode_worker_left_retries_it_instead_of_failing():
+    """A host cut off takes one decode worker away; the survivor, slow under the moved load,
+    then misses the stall deadline once. It is still in the rotation, so the request goes
+    back to it rather than failing for want of a worker it has not seen fail."""
+    gone, slow = FakeWorker("d0", break_after=2), FakeWorker("d1", hang_after=2)
+
+    async def scenario():
+        scheduler = fake_cluster([gone, slow], [FakeWorker("p0")], stall_timeout_s=0.2)
+        trace = RequestTrace("r")
+        return trace, await run(scheduler, trace)
+
+    trace, updates = asyncio.run(scenario())
+    check_one_stream(updates)
+    assert trace.migrations == ["decode_failed", "stall"]
+    assert len(slow.allocations) == 2, "the slow survivor serves the request's last attempt"

@@ -6,6 +6,7 @@ wheel (a dev dependency), found beside the interpreter or on PATH.
 
 from __future__ import annotations
 
+import base64
 import re
 import shutil
 import subprocess
@@ -28,7 +29,9 @@ def kubectl() -> str:
     return found
 
 
-def render(overlay: str) -> list[dict]:
+def render(overlay: str | Path) -> list[dict]:
+    """The objects `kubectl apply -k` would apply: `overlay` is the name of one of ours, or
+    the folder of any kustomization."""
     out = subprocess.run(
         [kubectl(), "kustomize", str(OVERLAYS / overlay)],
         capture_output=True,
@@ -43,12 +46,25 @@ def by_kind(objects: list[dict], kind: str) -> dict[str, dict]:
     return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
 
 
-def container_env(container: dict) -> dict[str, str]:
-    """The container's environment as the kubelet builds it (downward API filled in)."""
+def secret_values(objects: list[dict]) -> dict[tuple[str, str], str]:
+    """Every rendered Secret's decoded values, by (secret name, key)."""
+    return {
+        (name, key): base64.b64decode(value).decode()
+        for name, secret in by_kind(objects, "Secret").items()
+        for key, value in secret.get("data", {}).items()
+    }
+
+
+def container_env(container: dict, secrets: dict[tuple[str, str], str]) -> dict[str, str]:
+    """The container's environment as the kubelet builds it (downward API and Secrets filled
+    in); a reference to a Secret or key that is not in `secrets` raises KeyError."""
     env = {}
     for var in container.get("env", []):
         if "value" in var:
             env[var["name"]] = var["value"]
+        elif "secretKeyRef" in var["valueFrom"]:
+            ref = var["valueFrom"]["secretKeyRef"]
+            env[var["name"]] = secrets[ref["name"], ref["key"]]
         else:
             env[var["name"]] = FIELD_VALUES[var["valueFrom"]["fieldRef"]["fieldPath"]]
     return env

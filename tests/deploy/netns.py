@@ -95,6 +95,15 @@ class Network:
         must(*inside, "link", "set", "lo", "up")
         return host
 
+    def cut(self, host: Host) -> None:
+        """Unplug `host`: its bridge port goes down, so nothing reaches it or leaves it, and
+        open connections neither close nor reset (a pulled cable, not a dead process)."""
+        must("link", "set", host.host_veth, "down")
+
+    def mend(self, host: Host) -> None:
+        """Plug `host` back in."""
+        must("link", "set", host.host_veth, "up")
+
     def spawn(self, host: Host, command: list[str], log_path: Path) -> subprocess.Popen:
         """Run `command` on `host` (in its namespace), output to `log_path`."""
         with log_path.open("wb") as log:

@@ -11,7 +11,15 @@ import pytest
 
 from disagg.rpc import control_pb2 as pb
 from launcher.cli import build_parser
-from tests.deploy.manifests import FIELD_VALUES, by_kind, container_env, expand_args, render
+from tests.deploy.manifests import (
+    FIELD_VALUES,
+    OVERLAYS,
+    by_kind,
+    container_env,
+    expand_args,
+    render,
+    secret_values,
+)
 
 OVERLAY_NAMES = ["cpu", "gpu"]
 WORKERS = {"disagg-prefill-worker": "prefill-worker", "disagg-decode-worker": "decode-worker"}
@@ -23,9 +31,10 @@ def overlay(request) -> tuple[str, list[dict]]:
     return request.param, render(request.param)
 
 
-def parsed(container: dict):
-    """The container's command line as `disagg` itself parses it, in the pod's environment."""
-    env = container_env(container)
+def parsed(container: dict, objects: list[dict]):
+    """The container's command line as `disagg` itself parses it, in the pod's environment
+    (Secrets from `objects`, the rendered overlay)."""
+    env = container_env(container, secret_values(objects))
     disagg_env = {k: v for k, v in env.items() if k.startswith("DISAGG_")}
     with mock.patch.dict(os.environ, disagg_env):
         return build_parser().parse_args(expand_args(container["args"], env))
@@ -54,10 +63,10 @@ def test_the_validation_is_strict_enough_to_catch_a_misspelt_field(overlay):
 def test_worker_commands_parse_and_advertise_the_pod_ip(overlay):
     name, objects = overlay
     deployments = by_kind(objects, "Deployment")
-    control_port = parsed(only_container(deployments["disagg-coordinator"])).control_port
+    control_port = parsed(only_container(deployments["disagg-coordinator"]), objects).control_port
     services = by_kind(objects, "Service")
     for deployment_name, command in WORKERS.items():
-        args = parsed(only_container(deployments[deployment_name]))
+        args = parsed(only_container(deployments[deployment_name]), objects)
         assert args.command == command
         assert args.advertise_host == FIELD_VALUES["status.podIP"]
         assert args.worker_id == FIELD_VALUES["metadata.name"]
@@ -67,14 +76,14 @@ def test_worker_commands_parse_and_advertise_the_pod_ip(overlay):
         assert int(port) in [p["port"] for p in control["spec"]["ports"]]
         assert control_port in [p["port"] for p in control["spec"]["ports"]]
         assert args.device == ("cuda:0" if name == "gpu" else "cpu")
-    decode = parsed(only_container(deployments["disagg-decode-worker"]))
+    decode = parsed(only_container(deployments["disagg-decode-worker"]), objects)
     assert decode.kv_transport == "tcp", "KV crosses pods, so it must go over TCP"
 
 
 def test_coordinator_serves_the_contract_ports_and_is_scraped(overlay):
     deployments = by_kind(overlay[1], "Deployment")
     pod = deployments["disagg-coordinator"]["spec"]["template"]
-    args = parsed(only_container(deployments["disagg-coordinator"]))
+    args = parsed(only_container(deployments["disagg-coordinator"]), overlay[1])
     assert args.command == "coordinator"
     assert (args.http_port, args.grpc_port, args.control_port) == (8000, 8001, 50050)
     ports = {
@@ -103,7 +112,7 @@ def test_worker_probes_use_grpc_health_on_the_served_port(overlay):
     deployments = by_kind(overlay[1], "Deployment")
     for deployment_name in WORKERS:
         container = only_container(deployments[deployment_name])
-        args = parsed(container)
+        args = parsed(container, overlay[1])
         assert args.port in [p["containerPort"] for p in container["ports"]]
         readiness = container["readinessProbe"]["grpc"]
         assert readiness["port"] == args.port and "service" not in readiness
@@ -135,3 +144,42 @@ def test_each_worker_deployment_has_a_disruption_budget(overlay):
         ]
         assert len(matching) == 1, deployment_name
         assert matching[0]["spec"]["maxUnavailable"] == 1
+
+
+def cluster_secret_refs(deployment: dict) -> list[dict]:
+    """Where the deployment's container takes DISAGG_CLUSTER_SECRET from."""
+    env = only_container(deployment).get("env", [])
+    return [v.get("valueFrom", v) for v in env if v["name"] == "DISAGG_CLUSTER_SECRET"]
+
+
+def test_every_pod_takes_the_cluster_secret_from_the_secret(overlay):
+    objects = overlay[1]
+    secrets = secret_values(objects)
+    deployments = by_kind(objects, "Deployment")
+    assert deployments.keys() == {"disagg-coordinator", *WORKERS}
+    values = set()
+    for name, deployment in deployments.items():
+        refs = cluster_secret_refs(deployment)
+        assert [list(r) for r in refs] == [["secretKeyRef"]], f"{name} does not use the Secret"
+        ref = refs[0]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) in secrets, f"{name} names a Secret not rendered: {ref}"
+        assert "--cluster-secret" not in only_container(deployment)["args"], name
+        values.add(parsed(only_container(deployment), objects).cluster_secret)
+    assert len(values) == 1 and "" not in values, "one non-empty secret, the same in every pod"
+
+
+def test_an_overlay_replaces_the_cluster_secret_in_every_pod(tmp_path):
+    """The README's recipe: a secretGenerator with `behavior: replace` in your own overlay."""
+    (tmp_path / "cluster-secret.env").write_text("cluster-secret=s3cr3t-from-the-overlay\n")
+    base = os.path.relpath(OVERLAYS / "cpu", tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        f"resources: [{base}]\n"
+        "secretGenerator:\n"
+        "  - {name: disagg-cluster-secret, behavior: replace, envs: [cluster-secret.env]}\n"
+    )
+    objects = render(tmp_path)
+    assert len(by_kind(objects, "Secret")) == 1, "the placeholder is replaced, not kept beside"
+    for name, deployment in by_kind(objects, "Deployment").items():
+        assert parsed(only_container(deployment), objects).cluster_secret == (
+            "s3cr3t-from-the-overlay"
+        ), name

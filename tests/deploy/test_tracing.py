@@ -1,4 +1,5 @@
-"""One request's spans form one tree across the coordinator and both workers; off by default."""
+"""One request's spans form one tree across the coordinator and both workers, exported over
+OTLP, with the finer phase spans in the process that ran each phase; off by default."""
 
 from __future__ import annotations
 
@@ -123,4 +124,7 @@ def test_one_request_is_one_trace_across_three_processes(collector, monkeypatch)
         name = f"/disagg.control.{rpc}"
         assert ("disagg-coordinator", name) in names, f"no client span for {rpc}"
         assert (f"disagg-{worker}-worker", name) in names, f"no server span for {rpc}"
+    for service, phase in [("coordinator", "admission"), ("prefill-worker", "prefill.forward"),
+                           ("prefill-worker", "kv.send"), ("decode-worker", "kv.receive")]:  # fmt: skip
+        assert (f"disagg-{service}", phase) in names, f"no {phase} span in disagg-{service}"
     assert not [s for s in servicer.spans if "Registry" in s.name or "Health" in s.name]
