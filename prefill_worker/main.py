@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from disagg.config import EngineConfig, WorkerConfig
 from disagg.engine.llm_engine import LLMEngine
@@ -25,7 +26,8 @@ from prefill_worker.service import PrefillService
 async def run(engine_config: EngineConfig, config: WorkerConfig) -> None:
     watch_parent()
     apply_threads(config)
-    engine = LLMEngine(engine_config)
+    # NOTE: a prefill worker never decodes, so --compile would only cost start-up time.
+    engine = LLMEngine(dataclasses.replace(engine_config, compile=False))
     sender = KVSender(mac=FrameMac.from_secret(config.cluster_secret))
     completions = SendCompletions().start()
     loop = EngineLoop(engine)

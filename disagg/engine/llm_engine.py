@@ -24,9 +24,11 @@ from disagg.engine.step_output import StepOutput
 from disagg.errors import InvalidRequestError, NeverFitsError
 from disagg.kv.block_manager import BlockManager
 from disagg.kv.cache import PagedKVCache
+from disagg.model.compiled_decode import compile_decode
 from disagg.model.device import resolve_device, resolve_dtype
 from disagg.model.llama import LlamaModel
 from disagg.model.loader import LoadedModel, eos_token_ids, load_model
+from disagg.model.projection import GEMV_MAX_ROWS
 from disagg.model.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,20 @@ class LLMEngine:
         )
         self.runner.mask_logits = self.grammars.mask
         self.stats = EngineStats()
+        if config.compile:
+            self.runner.compiled_decode = compile_decode(self.model)
+            if self.runner.compiled_decode is not None:
+                self._warm_up_decode()
+
+    def _warm_up_decode(self) -> None:
+        """Run both decode graphs once (a batch within GEMV_MAX_ROWS and one past it), so
+        they compile, or load from the cache, before the first request arrives."""
+        params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        for batch in (1, GEMV_MAX_ROWS + 1):
+            start = time.perf_counter()
+            log.info("compiling the decode step for batches of %s rows ...", batch)
+            self.generate([[0] * self.config.block_size] * batch, params)
+            log.info("decode step for %s rows ready in %.1f s", batch, time.perf_counter() - start)
 
     # -- requests --------------------------------------------------------
 

@@ -135,6 +135,19 @@ class LlamaModel:
         `on_layer(i)` runs as soon as layer i's K/V are in the cache, so a caller
         can ship them while the next layer computes.
         """
+        return self.forward_step(input_ids, positions, meta, kv_cache, logits_indices, on_layer)
+
+    def forward_step(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: PagedKVCache,
+        logits_indices: torch.Tensor | None,
+        on_layer: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """`forward` without its inference-mode wrapper: what `torch.compile` traces
+        (the caller is already in inference mode)."""
         hidden = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
         cos, sin = self.rotary(hidden, positions.unsqueeze(0))  # [1, T, D] each
         cos, sin = cos[0], sin[0]

@@ -22,6 +22,8 @@ each choice measured (`python -m bench engine --parts kernels`):
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -86,6 +88,7 @@ class Projection:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(
                 self.weight.contiguous(), PREPACK_BATCH_HINT
             )
+            self.packed_id = _register_packed(self.packed, self.out_features)
 
     @property
     def out_features(self) -> int:
@@ -107,8 +110,38 @@ class Projection:
                 return torch.mm(x, self.weight_t)
             return torch.addmm(self.bias, x, self.weight_t)
         if self.packed is not None:
+            if torch.compiler.is_compiling():
+                return torch.ops.disagg.packed_linear(x, self.packed_id, self.bias)
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+_PACKED: list[tuple[weakref.ref[torch.Tensor], int]] = []
+"""Every packed weight (weakly: it lives as long as its Projection) and its output
+width, by id: what a compiled graph refers to."""
+
+
+def _register_packed(packed: torch.Tensor, out_features: int) -> int:
+    _PACKED.append((weakref.ref(packed), out_features))
+    return len(_PACKED) - 1
+
+
+@torch.library.custom_op("disagg::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed_id: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """A oneDNN-packed linear as one opaque op. x: [T, in] -> [T, out].
+
+    NOTE: inductor cannot take an MKLDNN-layout tensor as a graph constant (its
+    mkldnn lowering asserts), so the graph names the weight by id instead.
+    """
+    packed = _PACKED[packed_id][0]()
+    assert packed is not None, "the packed weight's projection is gone"
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, packed_id: int, bias: torch.Tensor | None) -> torch.Tensor:
+    _, out_features = _PACKED[packed_id]
+    return x.new_empty(x.shape[0], out_features)
 
 
 def _fused_weight(linears: list[torch.nn.Linear]) -> torch.Tensor:

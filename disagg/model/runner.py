@@ -26,6 +26,8 @@ class ModelRunner:
         self.device = model.device
         self.mask_logits: Callable[[torch.Tensor, list[Sequence]], None] | None = None
         """Constrained decoding: forbids, in place, what each row's grammar forbids."""
+        self.compiled_decode: Callable[..., torch.Tensor] | None = None
+        """The model's forward compiled for decode (compiled_decode.py); None: eager."""
 
     @torch.inference_mode()
     def prefill(
@@ -83,7 +85,8 @@ class ModelRunner:
             decode_keys=DecodeKeys.build(tables, context_lens, block_size),
         )
         input_ids = self._tensor([seq.last_token_id for seq in seqs])
-        logits = self.model.forward(input_ids, positions, meta, self.kv_cache, None)
+        forward = self.compiled_decode or self.model.forward
+        logits = forward(input_ids, positions, meta, self.kv_cache, None)
         return self._sample(logits, seqs)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
