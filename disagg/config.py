@@ -73,6 +73,8 @@ class EngineConfig:
     """Most prompt tokens in one prefill forward; longer prompts are chunked."""
     max_model_len: int | None = None
     """Context limit (prompt + output) in tokens; defaults to the model's."""
+    no_prefix_caching: bool = False
+    """Compute and ship every prompt whole instead of reusing cached KV of its leading blocks."""
 
     def __post_init__(self) -> None:
         require(self.block_size >= 1, "block_size", "must be >= 1")
