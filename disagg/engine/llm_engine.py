@@ -65,7 +65,8 @@ class LLMEngine:
             )
         self.kv_cache = PagedKVCache(layout, num_blocks, self.model.device)
         self.block_manager = BlockManager(num_blocks, config.block_size)
-        prefix_cache = None if config.no_prefix_caching else PrefixCache(self.block_manager, loaded.name)
+        prefix_cache = PrefixCache(self.block_manager, loaded.name)
+        prefix_cache = None if config.no_prefix_caching else prefix_cache
         self.scheduler = Scheduler(config.scheduler, self.block_manager, prefix_cache)
         configured = getattr(loaded.model.generation_config, "eos_token_id", None)
         self.eos_token_ids = eos_token_ids(configured, loaded.tokenizer)
