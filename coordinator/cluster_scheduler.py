@@ -297,6 +297,8 @@ class ClusterScheduler:
             trace.first_token_s = now_s
             trace.prefill_queue_s = reply.queue_s
             trace.prefill_s, trace.kv_transfer_s = reply.prefill_s, reply.transfer_s
+            trace.num_cached_tokens = reply.num_cached_tokens
+            trace.num_kv_cached_tokens = handle.num_cached_tokens
         trace.kv_bytes += reply.kv_bytes
         logprob = optional_logprob(reply, "first_logprob", reply.first_token_id)
         return TokenUpdate(reply.first_token_id, now_s, logprob, reply.finish_reason or None)

@@ -42,6 +42,7 @@ async def run(
         decode.ready_timeout_s,
         decode.claim_timeout_s,
         hooks=[waiters],
+        prefix_cache=engine.scheduler.prefix_cache,
     )
     role = "colocated" if decode.colocated else "decode"
     worker_id = resolved_id(config, role)
