@@ -7,7 +7,10 @@ Allocate KV on a decode worker, prefill, then stream decode:
 
 Placement: the decode worker with the most free KV blocks (as the registry
 estimates them between heartbeats), the prefill worker with the fewest prompt
-tokens in flight. A colocated worker prefills its own handles. A request that
+tokens in flight, each net of the prompt's prefix it likely holds already
+(coordinator/prefix_routing.py). A colocated worker prefills its own handles,
+and so does a decode worker when `disagg_policy` says (never; auto, for a short
+uncached suffix). A request that
 could not fit the largest decode worker's whole pool is refused at once (400)
 instead of queueing until the admission timeout.
 """
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 import grpc
 
 from coordinator.admission import Admission
+from coordinator.disagg_policy import prefills_in_place
 from coordinator.errors import WorkerError
 from coordinator.migration import (
     DECODE_FAILED,
@@ -38,6 +42,7 @@ from coordinator.migration import (
     next_or_none,
     resumed_params,
 )
+from coordinator.prefix_routing import PrefixIndex
 from coordinator.registry import WorkerRecord, WorkerRegistry, keepalive_options
 from coordinator.request_timing import RequestTrace
 from disagg.config import DispatchConfig
@@ -75,6 +80,8 @@ class ClusterScheduler:
         self._cleanups: set[asyncio.Task] = set()
         self._lost = LostWatch()
         registry.on_lost(self._lost.lost)
+        self.prefix_index = PrefixIndex()
+        registry.on_lost(self.prefix_index.forget)
         registry.channel_options = keepalive_options(config.keepalive_s)
 
     def check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -180,7 +187,7 @@ class ClusterScheduler:
         """Try decode workers, most free blocks first, none this request saw fail; None when
         none has room now."""
         healthy = [w for w in self.registry.healthy("decode") if w.worker_id not in avoid]
-        candidates = sorted(healthy, key=lambda w: -w.free_blocks_estimate)
+        candidates = self.prefix_index.order_decode(healthy, prompt_ids)
         if not candidates:
             left = " that this request has not seen fail" if avoid else ""
             raise WorkerError(f"no decode worker is registered{left}")
@@ -209,6 +216,7 @@ class ClusterScheduler:
                 elif worker.free_blocks_estimate >= reserved:
                     self.admission.notify_later(FREEING_RETRY_S)  # NOTE: see FREEING_RETRY_S
                 continue
+            self.prefix_index.record(worker, prompt_ids)
             return worker, handle
         return None
 
@@ -236,10 +244,14 @@ class ClusterScheduler:
         else:
             self.registry.unreserve_blocks(worker, num_blocks)
 
-    def _pick_prefill(self, decode: WorkerRecord, avoid: set[str]) -> WorkerRecord:
-        """The prefill worker with the fewest prompt tokens in flight; the decode worker itself
-        (in place, as the colocated role does) when it is colocated or no other is left."""
-        if decode.info.role == "colocated":
+    def _pick_prefill(
+        self, decode: WorkerRecord, handle: pb.KVHandle, prompt_ids: list[int], avoid: set[str]
+    ) -> WorkerRecord:
+        """The prefill worker with the fewest tokens to compute; the decode worker itself
+        (in place, as the colocated role does) when it is colocated, the policy says so for
+        this prompt's uncached suffix, or no other is left."""
+        num_uncached = len(prompt_ids) - handle.num_cached_tokens
+        if decode.info.role == "colocated" or prefills_in_place(self.config, num_uncached):
             return decode
         candidates = [
             w
@@ -248,7 +260,9 @@ class ClusterScheduler:
         ]
         if not candidates:
             return decode
-        return min(candidates, key=lambda w: w.prompt_tokens_in_flight)
+        prefill = self.prefix_index.pick_prefill(candidates, prompt_ids)
+        self.prefix_index.record(prefill, prompt_ids)
+        return prefill
 
     async def _prefill(
         self,
@@ -260,7 +274,7 @@ class ClusterScheduler:
         avoid: set[str],
         decode_lost: LostFlag,
     ) -> TokenUpdate:
-        prefill = self._pick_prefill(decode, avoid)
+        prefill = self._pick_prefill(decode, handle, prompt_ids, avoid)
         trace.prefill_worker = prefill.worker_id
         request = pb.PrefillRequest(
             request_id=trace.request_id,
