@@ -108,7 +108,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.block_manager.release(seq)
+        self._release(seq, keep_cached=reason != FinishReason.ERROR)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
@@ -183,9 +183,16 @@ class Scheduler:
                 scheduled.append(seq)
         return scheduled
 
+    def _release(self, seq: Sequence, keep_cached: bool) -> None:
+        """Free the sequence's blocks; with `keep_cached`, its full blocks of computed tokens
+        (output included: a chat's next turn resends it) stay findable until evicted."""
+        if keep_cached and seq.owns_blocks and self.prefix_cache is not None:
+            self.prefix_cache.register(seq.block_table, seq.token_ids[: seq.num_computed_tokens])
+        self.block_manager.release(seq)
+
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
         self.running.remove(seq)
-        self.block_manager.release(seq)
+        self._release(seq, keep_cached=True)  # resuming, it may find its own blocks again
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
