@@ -36,6 +36,7 @@ def build_app(frontend: Frontend, api_keys: ApiKeys | None = None) -> Starlette:
                 "free_kv_blocks": w.free_kv_blocks,
                 "total_kv_blocks": w.info.total_kv_blocks,
                 "num_preemptions": w.num_preemptions,
+                "cached_kv_blocks": w.num_cached_blocks,
             }
             for w in frontend.registry.all()
         ]

@@ -61,6 +61,8 @@ class WorkerRecord:
     prompt_tokens_in_flight: int = 0
     """Prompt tokens this coordinator has sent the worker and not yet had back."""
     num_preemptions: int = 0
+    num_cached_blocks: int = 0
+    """KV blocks the worker holds findable by prefix hash (as last reported)."""
     """Sequences the worker preempted for KV blocks over its life (as last reported)."""
     is_draining: bool = False
     """The worker is finishing its sequences before it exits: place nothing new on it."""
@@ -120,6 +122,7 @@ class WorkerRegistry:
         record.load = request.load
         record.is_draining = request.draining
         record.num_preemptions = request.num_preemptions
+        record.num_cached_blocks = request.cached_kv_blocks
         self._changed()
         return True
 

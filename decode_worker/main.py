@@ -68,6 +68,7 @@ async def run(
             load=service.load(),
             free_kv_blocks=engine.block_manager.num_free_blocks,
             num_preemptions=engine.scheduler.num_preemptions,
+            cached_kv_blocks=engine.block_manager.num_cached_blocks,
         )
 
     def on_stop() -> None:

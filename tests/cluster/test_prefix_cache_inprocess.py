@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.cluster_harness import wait_until
 from tests.helpers import reference_text
 
 NEW_TOKENS = 12
@@ -50,6 +51,11 @@ def test_a_second_request_reuses_the_prefix_on_both_sides(cluster, tiny_fp32):
     assert_exact(cold, tiny_fp32, first)
     assert_exact(warm, tiny_fp32, second)
     cluster.wait_all_blocks_free()
+
+    def every_worker_reports_cached_blocks() -> bool:
+        return all(w["cached_kv_blocks"] >= 9 for w in cluster.cluster()["workers"])
+
+    wait_until(every_worker_reports_cached_blocks, 10, "heartbeats with cached blocks")
 
 
 def test_the_same_prompt_again_ships_only_its_last_block(cluster, tiny_fp32):
