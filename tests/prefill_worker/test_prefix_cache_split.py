@@ -9,8 +9,16 @@ from pathlib import Path
 import pytest
 
 from disagg.engine.sampling_params import SamplingParams
+from disagg.rpc import control_pb2 as pb
+from disagg.rpc.convert import sampling_to_proto
 from tests.helpers import random_prompts, reference_tokens, tiny_loaded
-from tests.worker_harness import BLOCK_SIZE, decode_side, prefill_side
+from tests.worker_harness import (
+    BLOCK_SIZE,
+    FakeContext,
+    colocated_prefill,
+    decode_side,
+    prefill_side,
+)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 SYSTEM = random_prompts(1, [30], seed=11)[0]  # 7 full blocks of 4 and a partial one
@@ -58,3 +66,35 @@ async def wait_idle(prefill, decode, timeout_s: float = 10.0) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("workers did not go idle: blocks leaked?")
+
+
+def test_a_decode_worker_prefilling_in_place_computes_only_past_its_cached_prefix(tmp_path):
+    first, second = SYSTEM + [3, 4, 5], SYSTEM + [6, 7]
+
+    async def scenario() -> list[tuple]:
+        async with decode_side(tmp_path, colocated=True) as decode:
+            in_place = colocated_prefill(decode)
+            results = []
+            for prompt in (first, second):
+                handle = await decode.allocate(prompt, GREEDY)
+                request = pb.PrefillRequest(
+                    request_id="r",
+                    prompt_token_ids=prompt,
+                    sampling=sampling_to_proto(GREEDY),
+                    handle=handle,
+                )
+                reply = await in_place.Prefill(request, FakeContext())
+                events = [e async for e in decode.decode(handle, reply.first_token_id)]
+                tokens = [reply.first_token_id] + [e.token_id for e in events]
+                results.append((tokens, handle.num_cached_tokens, reply.num_cached_tokens))
+            for _ in range(1000):
+                if decode.is_idle():
+                    break
+                await asyncio.sleep(0.01)
+            assert decode.is_idle()
+            return results
+
+    (cold, _, _), (warm, handle_cached, reply_cached) = asyncio.run(scenario())
+    model = tiny_loaded().model
+    assert cold == reference_tokens(model, first, 8) and warm == reference_tokens(model, second, 8)
+    assert handle_cached == reply_cached == NUM_SHARED
