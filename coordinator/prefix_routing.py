@@ -20,6 +20,7 @@ previous one was.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -52,7 +53,8 @@ class PrefixIndex:
         if not blocks:
             return 0
         num_found = 0
-        for block_hash in _hashes(worker, prompt_ids[:-1]):
+        num_lookup = (len(prompt_ids) - 1) // _block_size(worker)
+        for block_hash in _hashes(worker, prompt_ids)[:num_lookup]:
             if block_hash not in blocks:
                 break
             num_found += 1
@@ -87,4 +89,11 @@ def _block_size(worker: WorkerRecord) -> int:
 
 
 def _hashes(worker: WorkerRecord, token_ids: Sequence[int]) -> list[int]:
-    return block_hashes(token_ids, _block_size(worker), worker.info.model)
+    return _memo_hashes(tuple(token_ids), _block_size(worker), worker.info.model)
+
+
+@functools.lru_cache(maxsize=64)
+def _memo_hashes(token_ids: tuple[int, ...], block_size: int, model: str) -> list[int]:
+    """NOTE: one placement hashes a prompt for every candidate worker and again to record
+    it; on an 8k-token prompt each pass costs milliseconds of the event loop."""
+    return block_hashes(token_ids, block_size, model)
