@@ -87,16 +87,3 @@ def test_a_next_turn_reuses_the_previous_turns_output_too():
     again = engine.generate([next_turn], GREEDY)[0]
     assert again.num_cached_tokens == (40 + 11) // 4 * 4  # the last output has no KV
     assert again.output_token_ids == reference_tokens(engine.loaded.model, next_turn, 12)
-
-
-def test_preemption_with_the_prefix_cache_keeps_tokens_exact_and_leaks_nothing():
-    """A preempted sequence's blocks stay cached until evicted (here the pressure evicts
-    them before it resumes); shared or not, every block ends free."""
-    engine = make_engine(num_kv_blocks=24)  # 96 slots for 4 sequences of ~50: preemption
-    prompts = random_prompts(4, [26, 20, 30, 24], seed=3)
-    seqs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=24))
-    assert engine.scheduler.num_preemptions > 0
-    for seq, prompt in zip(seqs, prompts):
-        assert seq.output_token_ids == reference_tokens(engine.loaded.model, prompt, 24)
-    manager = engine.block_manager
-    assert manager.num_free_blocks == manager.num_blocks
