@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import engine_throughput, headline, kv_transfer, ttft
+from bench import engine_throughput, headline, kv_transfer, prefix_ttft, ttft
 from bench.serving import calibrate as serving_calibrate
 from bench.serving import commands as serving
 from bench.serving import report as serving_report
@@ -19,6 +19,8 @@ SUBCOMMANDS = [
     ("kv-transfer", "KV data plane vs raw ZeroMQ, one process",
      kv_transfer.add_arguments, kv_transfer.main),
     ("ttft", "one long request: disaggregated vs colocated", ttft.add_arguments, ttft.main),
+    ("prefix-ttft", "TTFT with a cached system prompt vs a new one",
+     prefix_ttft.add_arguments, prefix_ttft.main),
     ("run", "drive OpenAI-compatible targets with one workload",
      serving.add_run_command_arguments, serving.run_main),
     ("sweep", "one run per rate or concurrency, curves out",

@@ -37,6 +37,7 @@ def build_app(frontend: Frontend, api_keys: ApiKeys | None = None) -> Starlette:
                 "total_kv_blocks": w.info.total_kv_blocks,
                 "num_preemptions": w.num_preemptions,
                 "num_kv_frames_rejected": w.num_kv_frames_rejected,
+                "cached_kv_blocks": w.num_cached_blocks,
             }
             for w in frontend.registry.all()
         ]

@@ -7,7 +7,10 @@ Allocate KV on a decode worker, prefill, then stream decode:
 
 Placement: the decode worker with the most free KV blocks (as the registry
 estimates them between heartbeats), the prefill worker with the fewest prompt
-tokens in flight. A colocated worker prefills its own handles. A request that
+tokens in flight, each net of the prompt's prefix it likely holds already
+(coordinator/prefix_routing.py). A colocated worker prefills its own handles,
+and so does a decode worker when `disagg_policy` says (never; auto, for a short
+uncached suffix). A request that
 could not fit the largest decode worker's whole pool is refused at once (400)
 instead of queueing until the admission timeout.
 """
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 import grpc
 
 from coordinator.admission import Admission
+from coordinator.disagg_policy import prefills_in_place
 from coordinator.errors import WorkerError
 from coordinator.migration import (
     DECODE_FAILED,
@@ -39,6 +43,7 @@ from coordinator.migration import (
     next_or_none,
     resumed_params,
 )
+from coordinator.prefix_routing import PrefixIndex
 from coordinator.registry import WorkerRecord, WorkerRegistry, keepalive_options
 from coordinator.request_timing import RequestTrace
 from disagg import tracing
@@ -77,6 +82,8 @@ class ClusterScheduler:
         self._cleanups: set[asyncio.Task] = set()
         self._lost = LostWatch()
         registry.on_lost(self._lost.lost)
+        self.prefix_index = PrefixIndex()
+        registry.on_lost(self.prefix_index.forget)
         registry.channel_options = keepalive_options(config.keepalive_s)
 
     def check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -186,8 +193,8 @@ class ClusterScheduler:
         params: SamplingParams,
         avoid: AbstractSet[str] = frozenset(),
     ) -> tuple[WorkerRecord, pb.KVHandle] | None:
-        """Try decode workers, most free blocks first, those this request saw fail only when
-        no other is left; None when none has room now.
+        """Try decode workers, the best by prefix cache and free blocks first, those this
+        request saw fail only when no other is left; None when none has room now.
 
         NOTE: a worker that is gone has left the rotation; one this request saw fail that
         is still in it may well serve the next attempt (a stall is often just load, e.g.
@@ -196,7 +203,7 @@ class ClusterScheduler:
         """
         healthy = self.registry.healthy("decode")
         fresh = [w for w in healthy if w.worker_id not in avoid]
-        candidates = sorted(fresh or healthy, key=lambda w: -w.free_blocks_estimate)
+        candidates = self.prefix_index.order_decode(fresh or healthy, prompt_ids)
         if not candidates:
             raise WorkerError("no decode worker is registered")
         check_fits([w.info for w in candidates], prompt_ids, params.max_tokens)
@@ -224,6 +231,7 @@ class ClusterScheduler:
                 elif worker.free_blocks_estimate >= reserved:
                     self.admission.notify_later(FREEING_RETRY_S)  # NOTE: see FREEING_RETRY_S
                 continue
+            self.prefix_index.record(worker, prompt_ids)
             return worker, handle
         return None
 
@@ -251,10 +259,14 @@ class ClusterScheduler:
         else:
             self.registry.unreserve_blocks(worker, num_blocks)
 
-    def _pick_prefill(self, decode: WorkerRecord, avoid: set[str]) -> WorkerRecord:
-        """The prefill worker with the fewest prompt tokens in flight; the decode worker itself
-        (in place, as the colocated role does) when it is colocated or no other is left."""
-        if decode.info.role == "colocated":
+    def _pick_prefill(
+        self, decode: WorkerRecord, handle: pb.KVHandle, prompt_ids: list[int], avoid: set[str]
+    ) -> WorkerRecord:
+        """The prefill worker with the fewest tokens to compute; the decode worker itself
+        (in place, as the colocated role does) when it is colocated, the policy says so for
+        this prompt's uncached suffix, or no other is left."""
+        num_uncached = len(prompt_ids) - handle.num_cached_tokens
+        if decode.info.role == "colocated" or prefills_in_place(self.config, num_uncached):
             return decode
         candidates = [
             w
@@ -263,7 +275,9 @@ class ClusterScheduler:
         ]
         if not candidates:
             return decode
-        return min(candidates, key=lambda w: w.prompt_tokens_in_flight)
+        prefill = self.prefix_index.pick_prefill(candidates, prompt_ids)
+        self.prefix_index.record(prefill, prompt_ids)
+        return prefill
 
     async def _prefill(
         self,
@@ -275,7 +289,7 @@ class ClusterScheduler:
         avoid: set[str],
         decode_lost: LostFlag,
     ) -> TokenUpdate:
-        prefill = self._pick_prefill(decode, avoid)
+        prefill = self._pick_prefill(decode, handle, prompt_ids, avoid)
         trace.prefill_worker = prefill.worker_id
         request = pb.PrefillRequest(
             request_id=trace.request_id,
@@ -312,6 +326,8 @@ class ClusterScheduler:
             trace.first_token_s = now_s
             trace.prefill_queue_s = reply.queue_s
             trace.prefill_s, trace.kv_transfer_s = reply.prefill_s, reply.transfer_s
+            trace.num_cached_tokens = reply.num_cached_tokens
+            trace.num_kv_cached_tokens = handle.num_cached_tokens
         trace.kv_bytes += reply.kv_bytes
         logprob = optional_logprob(reply, "first_logprob", reply.first_token_id)
         return TokenUpdate(reply.first_token_id, now_s, logprob, reply.finish_reason or None)

@@ -73,6 +73,19 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
+        self.prefix_query_tokens = Counter(
+            "disagg_prefix_cache_query_tokens",
+            "Prompt tokens looked up in the workers' prefix caches.",
+            labels,
+            registry=self.registry,
+        )
+        self.prefix_hit_tokens = Counter(
+            "disagg_prefix_cache_hit_tokens",
+            "Prompt tokens found in a prefix cache, by role: prefill (not computed), "
+            "decode (KV not transferred).",
+            [*labels, "role"],
+            registry=self.registry,
+        )
         worker_labels = ["model", "worker", "role"]
         self.blocks_used = Gauge(
             "disagg_kv_blocks_used", "KV blocks in use.", worker_labels, registry=self.registry
@@ -105,6 +118,7 @@ class Metrics:
             self.prefill.labels(**labels).observe(trace.prefill_s)
             self.kv_transfer.labels(**labels).observe(trace.kv_transfer_s)
             self.kv_bytes.labels(**labels).inc(trace.kv_bytes)
+            self._record_prefix_cache(labels, trace, num_prompt)
         for gap in trace.tbt_s:
             self.tbt.labels(**labels).observe(gap)
         for cause in trace.migrations:
@@ -118,6 +132,11 @@ class Metrics:
             "prefill_worker": trace.prefill_worker, "decode_worker": trace.decode_worker,
             "migrations": len(trace.migrations),
         }))  # fmt: skip
+
+    def _record_prefix_cache(self, labels: dict, trace: RequestTrace, num_prompt: int) -> None:
+        self.prefix_query_tokens.labels(**labels).inc(num_prompt)
+        self.prefix_hit_tokens.labels(**labels, role="prefill").inc(trace.num_cached_tokens)
+        self.prefix_hit_tokens.labels(**labels, role="decode").inc(trace.num_kv_cached_tokens)
 
     def render(self, workers: WorkerRegistry, running: int, waiting: int) -> bytes:
         """The text exposition, with gauges read fresh from the registry."""

@@ -121,7 +121,11 @@ class OpenAIApi:
             parsed.requests, partial(until_disconnected, request)
         )
         body = shape.response(response_id, self.frontend.served_name, completions, parsed)
-        body["usage"] = usage(parsed, [c.num_completion_tokens for c in completions])
+        body["usage"] = usage(
+            parsed,
+            [c.num_completion_tokens for c in completions],
+            [c.trace.num_cached_tokens for c in completions],
+        )
         body["metrics"] = (
             timings(completions[0].trace)
             if len(completions) == 1
@@ -153,7 +157,9 @@ class OpenAIApi:
                 yield sse(shape.chunk(response_id, created, model, index, chunk, parsed))
             if parsed.include_usage:
                 final = shape.envelope(response_id, created, model, [])
-                final["usage"] = usage(parsed, counts)
+                final["usage"] = usage(
+                    parsed, counts, [t.num_cached_tokens for t in streams.traces]
+                )
                 final["metrics"] = [timings(t) for t in streams.traces]
                 yield sse(final)
             yield "data: [DONE]\n\n"

@@ -30,15 +30,23 @@ def finite(logprob: float) -> float:
     return max(logprob, MIN_LOGPROB)
 
 
-def usage(parsed: ParsedRequest, completion_counts: list[int]) -> dict:
-    """Each distinct prompt counts once, however many choices it has (as OpenAI counts)."""
+def usage(
+    parsed: ParsedRequest, completion_counts: list[int], cached_counts: list[int] | None = None
+) -> dict:
+    """Each distinct prompt counts once, however many choices it has (as OpenAI counts).
+
+    cached_counts: per request, the prompt tokens found in a prefix cache (not computed);
+    a prompt's count is its first choice's."""
     per_choice = len(parsed.requests) // parsed.num_prompts
-    prompt = sum(len(parsed.requests[i * per_choice].prompt_ids) for i in range(parsed.num_prompts))
+    firsts = [i * per_choice for i in range(parsed.num_prompts)]
+    prompt = sum(len(parsed.requests[i].prompt_ids) for i in firsts)
+    cached = sum(cached_counts[i] for i in firsts) if cached_counts else 0
     completion = sum(completion_counts)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
 
 

@@ -62,6 +62,8 @@ class WorkerRecord:
     prompt_tokens_in_flight: int = 0
     """Prompt tokens this coordinator has sent the worker and not yet had back."""
     num_preemptions: int = 0
+    num_cached_blocks: int = 0
+    """KV blocks the worker holds findable by prefix hash (as last reported)."""
     """Sequences the worker preempted for KV blocks over its life (as last reported)."""
     num_kv_frames_rejected: int = 0
     """KV messages the worker dropped for a missing or wrong MAC (forged or altered), ever."""
@@ -134,6 +136,7 @@ class WorkerRegistry:
         record.is_draining = request.draining
         record.num_preemptions = request.num_preemptions
         record.num_kv_frames_rejected = request.num_kv_frames_rejected
+        record.num_cached_blocks = request.cached_kv_blocks
         self._changed()
         return True
 

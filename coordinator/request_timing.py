@@ -24,6 +24,10 @@ class RequestTrace:
     """Waiting for a batch slot on the prefill worker (part of TTFT)."""
     kv_transfer_s: float = 0.0
     kv_bytes: int = 0
+    num_cached_tokens: int = 0
+    """Leading prompt tokens the prefill side found in its prefix cache: not computed."""
+    num_kv_cached_tokens: int = 0
+    """Leading prompt tokens the decode worker already held: their KV was not transferred."""
     first_token_s: float | None = None
     token_times_s: list[float] = field(default_factory=list)
     prefill_worker: str = ""
@@ -59,6 +63,8 @@ def timings(trace: RequestTrace) -> dict:
         "kv_transfer_s": trace.kv_transfer_s,
         "first_decode_gap_s": next(iter(trace.tbt_s), None),
         "kv_bytes": trace.kv_bytes,
+        "cached_tokens": trace.num_cached_tokens,
+        "kv_cached_tokens": trace.num_kv_cached_tokens,
         "prefill_worker": trace.prefill_worker,
         "decode_worker": trace.decode_worker,
         "migrations": len(trace.migrations),
@@ -79,7 +85,7 @@ def merged_timings(traces: Sequence[RequestTrace]) -> dict[str, float | int | st
         values = [row[key] for row in rows if row[key] not in (None, "")]
         if not values:
             continue
-        if key in ("kv_bytes", "migrations"):
+        if key in ("kv_bytes", "migrations", "cached_tokens", "kv_cached_tokens"):
             merged[key] = sum(values)
         elif isinstance(values[0], str):
             merged[key] = ",".join(sorted(set(values)))

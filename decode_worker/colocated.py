@@ -52,6 +52,8 @@ class ColocatedPrefillService(pb_grpc.PrefillWorkerServicer):
             handle.sequence.params,  # what Allocate carried; the request's copy is the same
             request_id=request.request_id,
             block_table=list(handle.block_ids),
+            num_computed_tokens=handle.num_cached_tokens,  # shared blocks: their KV is here
+            num_cached_tokens=handle.num_cached_tokens,
             owns_blocks=False,
         )
         return await run_prefill(self.loop, seq, InPlacePrefill(self.table, handle.handle_id))

@@ -10,6 +10,11 @@ claimed its blocks belong to the table, which frees them on any failure or
 expiry; once claimed they belong to the decoding sequence, and the engine
 frees them when it finishes.
 
+With a prefix cache, Allocate shares the blocks of the prompt's longest cached
+run of full blocks (`num_cached_tokens`); only the rest is sent, and a frame
+that would write into the shared blocks is dropped. Once READY, the prompt's
+full blocks are registered, so they outlive the handle as cached free blocks.
+
 Three threads touch a table (gRPC handlers, the KV receiver, the engine loop),
 so every state change holds one lock; hooks run outside it.
 """
@@ -29,6 +34,7 @@ import torch
 from disagg.engine.sequence import Sequence
 from disagg.kv.block_manager import BlockManager, initial_num_tokens
 from disagg.kv.cache import PagedKVCache
+from disagg.kv.prefix_cache import PrefixCache
 from disagg.kv.wire import DoneHeader, LayerHeader, combine, dtype_name
 
 log = logging.getLogger(__name__)
@@ -72,6 +78,8 @@ class KVHandle:
     free_reason: str | None = None
     settled: threading.Event = field(default_factory=threading.Event)
     """Set once the handle is READY, or has failed: what Decode waits on."""
+    num_cached_tokens: int = 0
+    """Leading prompt tokens whose K/V were already here (shared cached blocks): not sent."""
     sequence: Sequence | None = None
     """The request as Allocate gave it (prompt, sampling parameters), WAITING_FOR_KV until
     Decode claims the handle and adds its first token."""
@@ -79,6 +87,11 @@ class KVHandle:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens_to_receive(self) -> int:
+        """Tokens each layer must bring: the prompt past its cached prefix."""
+        return self.num_prompt_tokens - self.num_cached_tokens
 
 
 class HandleHooks:
@@ -101,8 +114,10 @@ class HandleTable:
         ready_timeout_s: float = 30.0,
         claim_timeout_s: float = 30.0,
         hooks: list[HandleHooks] | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.block_manager = block_manager
+        self.prefix_cache = prefix_cache
         self.kv_cache = kv_cache
         self.ready_timeout_s = ready_timeout_s
         self.claim_timeout_s = claim_timeout_s
@@ -139,8 +154,13 @@ class HandleTable:
         stays free for that growth.
         """
         num_tokens = initial_num_tokens(len(prompt_token_ids), max_new_tokens)
-        num_blocks = self.block_manager.blocks_for(num_tokens)
-        block_ids = self.block_manager.allocate(num_blocks, keep_watermark=True)
+        if self.prefix_cache is None:
+            num_blocks = self.block_manager.blocks_for(num_tokens)
+            block_ids, num_cached = self.block_manager.allocate(num_blocks, keep_watermark=True), 0
+        else:
+            block_ids, num_cached = self.prefix_cache.allocate(
+                prompt_token_ids, num_tokens, keep_watermark=True
+            )
         handle = KVHandle(
             handle_id=uuid.uuid4().hex,
             request_id=request_id,
@@ -149,6 +169,7 @@ class HandleTable:
             max_new_tokens=max_new_tokens,
             deadline_s=time.monotonic() + self.ready_timeout_s,
             tokens_per_layer=[0] * self.kv_cache.layout.num_layers,
+            num_cached_tokens=num_cached,
         )
         with self._lock:
             self._handles[handle.handle_id] = handle
@@ -183,14 +204,14 @@ class HandleTable:
             if handle is None or handle.state not in (HandleState.ALLOCATED, HandleState.RECEIVING):
                 self.num_dropped_frames += 1
                 return
-            complete = all(n == handle.num_prompt_tokens for n in handle.tokens_per_layer)
+            expected = handle.num_tokens_to_receive
+            complete = all(n == expected for n in handle.tokens_per_layer)
             if not complete or header.num_tokens != handle.num_prompt_tokens:
                 reason = FreeReason.INCOMPLETE
             elif header.checksum != handle.checksum:
                 reason = FreeReason.CHECKSUM_MISMATCH
             else:
-                handle.state = HandleState.READY
-                handle.deadline_s = time.monotonic() + self.claim_timeout_s
+                self._make_ready(handle)
                 reason = None
         if reason is None:
             handle.settled.set()
@@ -208,6 +229,8 @@ class HandleTable:
             return f"layer {header.layer} out of range"
         if header.end > handle.num_prompt_tokens:
             return f"token range ends at {header.end}, past the prompt"
+        if header.start < handle.num_cached_tokens:
+            return f"token range starts at {header.start}, inside the shared cached prefix"
         if tuple(header.shape[1:]) != (layout.num_kv_heads, layout.head_dim):
             return f"shape {header.shape} does not match the pool's layout"
         if header.dtype != dtype_name(layout.dtype):
@@ -220,10 +243,17 @@ class HandleTable:
         """The KV was computed in place (colocated): no transfer to wait for."""
         with self._lock:
             handle = self._handles[handle_id]
-            handle.state = HandleState.READY
-            handle.deadline_s = time.monotonic() + self.claim_timeout_s
+            self._make_ready(handle)
         handle.settled.set()
         self._call("on_ready", handle)
+
+    def _make_ready(self, handle: KVHandle) -> None:
+        """READY, and the prompt's full blocks findable by later prompts. Under the lock:
+        the handle (so its blocks) cannot be freed meanwhile."""
+        handle.state = HandleState.READY
+        handle.deadline_s = time.monotonic() + self.claim_timeout_s
+        if self.prefix_cache is not None:
+            self.prefix_cache.register(handle.block_ids, handle.prompt_token_ids)
 
     def claim(self, handle_id: str) -> KVHandle | None:
         """READY -> DECODING: the blocks now belong to the decoding sequence."""

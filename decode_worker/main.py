@@ -49,6 +49,8 @@ async def run(
         decode.ready_timeout_s,
         decode.claim_timeout_s,
         hooks=hooks,
+        hooks=[waiters],
+        prefix_cache=engine.scheduler.prefix_cache,
     )
     worker_id = resolved_id(config, role)
     receiver = None
@@ -76,6 +78,7 @@ async def run(
             free_kv_blocks=engine.block_manager.num_free_blocks,
             num_preemptions=engine.scheduler.num_preemptions,
             num_kv_frames_rejected=receiver.num_rejected if receiver else 0,
+            cached_kv_blocks=engine.block_manager.num_cached_blocks,
         )
 
     def on_stop() -> None:

@@ -157,6 +157,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
             block_ids=handle.block_ids,
             layout=layout_to_proto(self.engine.kv_cache.layout),
             num_prompt_tokens=handle.num_prompt_tokens,
+            num_cached_tokens=handle.num_cached_tokens,
             expires_at_unix_s=time.time() + remaining_s,
         )
 

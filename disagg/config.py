@@ -21,6 +21,7 @@ from disagg.errors import DisaggError
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Transport = Literal["tcp", "ipc"]
 Mode = Literal["disaggregated", "colocated"]
+DisaggPolicy = Literal["always", "never", "auto"]
 
 
 class ConfigError(DisaggError, ValueError):
@@ -75,6 +76,8 @@ class EngineConfig:
     """Context limit (prompt + output) in tokens; defaults to the model's."""
     compile: bool = False
     """torch.compile the decode step at start-up (needs a C++ compiler; minutes on small CPUs)."""
+    no_prefix_caching: bool = False
+    """Compute and ship every prompt whole instead of reusing cached KV of its leading blocks."""
 
     def __post_init__(self) -> None:
         require(self.block_size >= 1, "block_size", "must be >= 1")
@@ -146,6 +149,10 @@ class DispatchConfig:
     """Times one request may move to another worker after a fault before it fails."""
     keepalive_s: float = 5.0
     """gRPC keepalive ping interval on the channels to workers, in seconds."""
+    disagg_policy: DisaggPolicy = "always"
+    """Prefill on a prefill worker always, never (on the decode worker), or auto (by suffix)."""
+    max_local_prefill_tokens: int = 32
+    """auto: prefill on the decode worker when at most this many prompt tokens are uncached."""
 
     def __post_init__(self) -> None:
         for name in ("allocate_timeout_s", "prefill_timeout_s", "decode_timeout_s"):
@@ -154,6 +161,10 @@ class DispatchConfig:
         require(self.stall_timeout_s > 0, "stall_timeout_s", "must be > 0")
         require(self.max_migrations >= 0, "max_migrations", "must be >= 0")
         require(self.keepalive_s > 0, "keepalive_s", "must be > 0")
+        require(
+            self.disagg_policy in ("always", "never", "auto"), "disagg_policy", "always|never|auto"
+        )
+        require(self.max_local_prefill_tokens >= 0, "max_local_prefill_tokens", "must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,12 @@ from prefill_worker.send_completions import SendCompletions
 class ShipKV(PrefillResult):
     """Sends each computed layer to the handle's decode worker; frees local blocks after.
 
+    Only tokens from the handle's `num_cached_tokens` on are sent: the decode worker
+    holds the rest. That start may lie before what this worker computes (its own
+    prefix cache had more), so each layer's first send also carries the cached
+    tokens between the two, read from the shared blocks; or after it (the decode
+    worker had more), so the computed tokens before it are not sent.
+
     `ship` and `hand_over` run on the engine thread (the sender's sockets live
     there); the wait for the frames to leave and the reply run on the
     completions thread.
@@ -33,11 +39,18 @@ class ShipKV(PrefillResult):
         self.completions = completions
         self.endpoint = handle.zmq_endpoint
         self.handle_id = handle.handle_id
+        num_layers = self.engine.kv_cache.layout.num_layers
+        self._next_to_send = [handle.num_cached_tokens] * num_layers
+        """Per layer, the first token the decode worker has not been sent."""
         self._is_sealed = False
 
     def ship(self, seq: Sequence, layer: int, start: int, end: int) -> None:
-        k, v = self.engine.kv_cache.token_range(layer, seq.block_table, start, end)
-        self.sender.send_layer(self.endpoint, self.handle_id, layer, start, k, v)
+        first = self._next_to_send[layer]
+        if end <= first:
+            return
+        k, v = self.engine.kv_cache.token_range(layer, seq.block_table, first, end)
+        self.sender.send_layer(self.endpoint, self.handle_id, layer, first, k, v)
+        self._next_to_send[layer] = end
 
     def hand_over(self, seq: Sequence) -> None:
         num_layers = self.engine.kv_cache.layout.num_layers

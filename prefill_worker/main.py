@@ -40,6 +40,7 @@ async def run(engine_config: EngineConfig, config: WorkerConfig) -> None:
             worker_id=worker_id,
             load=loop.num_sequences + completions.num_pending,
             free_kv_blocks=engine.block_manager.num_free_blocks,
+            cached_kv_blocks=engine.block_manager.num_cached_blocks,
         )
 
     def on_stop() -> None:

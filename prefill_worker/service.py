@@ -37,6 +37,10 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "handle was allocated for another prompt"
             )
+        if request.handle.num_cached_tokens >= len(prompt):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "handle's cached prefix leaves nothing to send"
+            )
         try:
             params = sampling_from_proto(request.sampling)
             self.engine.check_prompt(prompt, 0)  # only the prompt's blocks are ours

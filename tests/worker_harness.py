@@ -43,8 +43,10 @@ class FakeContext:
         raise RpcAborted(code, details, dict(trailing_metadata))
 
 
-def tiny_engine(num_kv_blocks: int = 256) -> LLMEngine:
-    config = EngineConfig(block_size=BLOCK_SIZE, num_kv_blocks=num_kv_blocks)
+def tiny_engine(num_kv_blocks: int = 256, prefix_caching: bool = True) -> LLMEngine:
+    config = EngineConfig(
+        block_size=BLOCK_SIZE, num_kv_blocks=num_kv_blocks, no_prefix_caching=not prefix_caching
+    )
     return LLMEngine(config, loaded=tiny_loaded())
 
 
@@ -98,11 +100,12 @@ class PrefillSide:
 
 @contextlib.asynccontextmanager
 async def decode_side(
-    tmp_path: Path, num_kv_blocks: int = 256, colocated: bool = False
+    tmp_path: Path, num_kv_blocks: int = 256, colocated: bool = False, prefix_caching: bool = True
 ) -> AsyncIterator[DecodeSide]:
-    engine = tiny_engine(num_kv_blocks)
+    engine = tiny_engine(num_kv_blocks, prefix_caching)
     waiters = SettleWaiters()
-    table = HandleTable(engine.block_manager, engine.kv_cache, 10.0, 10.0, hooks=[waiters])
+    prefix_cache = engine.scheduler.prefix_cache
+    table = HandleTable(engine.block_manager, engine.kv_cache, 10.0, 10.0, [waiters], prefix_cache)
     receiver = None if colocated else KVReceiver(f"ipc://{tmp_path}/kv.sock", table).start()
     loop = EngineLoop(engine, tick=table.expire, tick_s=0.05)
     loop.start()
@@ -121,8 +124,10 @@ def colocated_prefill(side: DecodeSide) -> ColocatedPrefillService:
 
 
 @contextlib.asynccontextmanager
-async def prefill_side(send_timeout_s: float = 30.0) -> AsyncIterator[PrefillSide]:
-    engine = tiny_engine()
+async def prefill_side(
+    send_timeout_s: float = 30.0, prefix_caching: bool = True
+) -> AsyncIterator[PrefillSide]:
+    engine = tiny_engine(prefix_caching=prefix_caching)
     sender = KVSender(send_timeout_s=send_timeout_s, linger_s=0)
     completions = SendCompletions().start()
     loop = EngineLoop(engine, tick_s=0.05)

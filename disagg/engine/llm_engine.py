@@ -24,6 +24,7 @@ from disagg.engine.step_output import StepOutput
 from disagg.errors import InvalidRequestError, NeverFitsError
 from disagg.kv.block_manager import BlockManager
 from disagg.kv.cache import PagedKVCache
+from disagg.kv.prefix_cache import PrefixCache
 from disagg.model.compiled_decode import compile_decode
 from disagg.model.device import resolve_device, resolve_dtype
 from disagg.model.llama import LlamaModel
@@ -66,7 +67,9 @@ class LLMEngine:
             )
         self.kv_cache = PagedKVCache(layout, num_blocks, self.model.device)
         self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        prefix_cache = PrefixCache(self.block_manager, loaded.name)
+        prefix_cache = None if config.no_prefix_caching else prefix_cache
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, prefix_cache)
         configured = getattr(loaded.model.generation_config, "eos_token_id", None)
         self.eos_token_ids = eos_token_ids(configured, loaded.tokenizer)
         self.runner = ModelRunner(self.model, self.kv_cache, self.eos_token_ids)

@@ -15,6 +15,10 @@ Algorithm: a step is either a prefill step or a decode step.
   prompt and the tokens it has so far, by a (chunked) prefill, and it decodes on
   with the same tokens (vLLM's recompute preemption, Kwon et al., SOSP 2023). No
   sequence ever waits for memory that will not come, and none is lost.
+- With a prefix cache, a sequence's first blocks come from the cache when their
+  tokens were computed before (disagg/kv/prefix_cache.py): it is admitted with
+  those tokens already computed, and its prefill starts after them. Every chunk
+  computed makes its full blocks findable for the sequences that follow.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from dataclasses import dataclass, field
 
 from disagg.config import SchedulerConfig
 from disagg.engine.sequence import FinishReason, Sequence, SequenceStatus
+from disagg.errors import OutOfBlocksError
 from disagg.kv.block_manager import BlockManager
+from disagg.kv.prefix_cache import PrefixCache
 
 
 @dataclass
@@ -55,9 +61,15 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        prefix_cache: PrefixCache | None = None,
+    ) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.prefix_cache = prefix_cache
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -96,7 +108,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.block_manager.release(seq)
+        self._release(seq, keep_cached=reason != FinishReason.ERROR)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
@@ -113,6 +125,8 @@ class Scheduler:
         seq = chunk.seq
         completes = chunk.completes_prompt
         seq.num_computed_tokens += chunk.num_tokens
+        if self.prefix_cache is not None:
+            self.prefix_cache.register(seq.block_table, seq.token_ids[: seq.num_computed_tokens])
         if completes:
             self.waiting.remove(seq)
             if seq.is_prefill_only:
@@ -126,16 +140,32 @@ class Scheduler:
         for seq in self.waiting:
             if budget == 0 or len(self.running) + len(chunks) >= self.config.max_num_seqs:
                 break
-            is_new = seq.num_computed_tokens == 0
-            if not self.block_manager.can_grow(seq, seq.num_tokens, keep_watermark=is_new):
+            if not self._reserve_blocks(seq):
                 break
-            self.block_manager.grow(seq, seq.num_tokens, keep_watermark=is_new)
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             chunks.append(ScheduledChunk(seq, num_tokens))
             budget -= num_tokens
             if num_tokens < seq.num_uncomputed_tokens:
                 break  # the rest of this prompt goes first next step
         return chunks
+
+    def _reserve_blocks(self, seq: Sequence) -> bool:
+        """Blocks for all of `seq`'s tokens, or False (nothing taken) when there is no room.
+        A new sequence keeps the watermark free, and starts from its cached prefix."""
+        is_new = seq.num_computed_tokens == 0
+        if is_new and not seq.block_table and self.prefix_cache is not None:
+            try:
+                seq.block_table, seq.num_cached_tokens = self.prefix_cache.allocate(
+                    seq.token_ids, seq.num_tokens, keep_watermark=True
+                )
+            except OutOfBlocksError:
+                return False
+            seq.num_computed_tokens = seq.num_cached_tokens
+            return True
+        if not self.block_manager.can_grow(seq, seq.num_tokens, keep_watermark=is_new):
+            return False
+        self.block_manager.grow(seq, seq.num_tokens, keep_watermark=is_new)
+        return True
 
     def _schedule_decode(self) -> list[Sequence]:
         """Oldest first; the youngest give up their blocks when the pool runs out."""
@@ -153,9 +183,16 @@ class Scheduler:
                 scheduled.append(seq)
         return scheduled
 
+    def _release(self, seq: Sequence, keep_cached: bool) -> None:
+        """Free the sequence's blocks; with `keep_cached`, its full blocks of computed tokens
+        (output included: a chat's next turn resends it) stay findable until evicted."""
+        if keep_cached and seq.owns_blocks and self.prefix_cache is not None:
+            self.prefix_cache.register(seq.block_table, seq.token_ids[: seq.num_computed_tokens])
+        self.block_manager.release(seq)
+
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
         self.running.remove(seq)
-        self.block_manager.release(seq)
+        self._release(seq, keep_cached=True)  # resuming, it may find its own blocks again
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

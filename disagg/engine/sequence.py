@@ -65,6 +65,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     """Tokens whose K/V are in the cache."""
+    num_cached_tokens: int = 0
+    """Leading tokens whose K/V this engine found in its prefix cache instead of computing."""
     owns_blocks: bool = True
     """False when the blocks belong to someone else (a KV handle), who frees them."""
     is_prefill_only: bool = False

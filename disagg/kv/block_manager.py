@@ -11,7 +11,7 @@ grows one block at a time as it decodes. New sequences are admitted only while
 `watermark_blocks` stay free afterwards, so the running ones have room to grow
 before anything must be preempted.
 
-Prefix caching (groundwork; nothing registers blocks yet): a full block whose
+Prefix caching (driven by `disagg.kv.prefix_cache`): a full block whose
 content is final can be registered under its chained hash (`block_hash`).
 Blocks are reference-counted, so several sequences can share a cached prefix;
 a registered block whose last user frees it stays findable among the free
@@ -141,14 +141,44 @@ class BlockManager:
 
     def find_prefix(self, block_hashes: list[int]) -> list[int]:
         """Block ids holding the longest cached run of `block_hashes` from the first one."""
-        found: list[int] = []
         with self._lock:
-            for block_hash in block_hashes:
-                block_id = self._block_of_hash.get(block_hash)
-                if block_id is None:
-                    break
-                found.append(block_id)
+            return self._find_locked(block_hashes)
+
+    def _find_locked(self, block_hashes: list[int]) -> list[int]:
+        found: list[int] = []
+        for block_hash in block_hashes:
+            block_id = self._block_of_hash.get(block_hash)
+            if block_id is None:
+                break
+            found.append(block_id)
         return found
+
+    def allocate_prefixed(
+        self, block_hashes: list[int], num_blocks: int, keep_watermark: bool = False
+    ) -> tuple[list[int], int]:
+        """`num_blocks` blocks whose first ones are the longest cached run of `block_hashes`
+        (shared: one more reference each), the rest fresh; returns (block ids, number shared).
+
+        One lock around lookup and allocation: the engine thread may evict a cached free
+        block between a separate `find_prefix` and `acquire`. Cached blocks nobody holds
+        count against the free blocks like fresh ones (raises OutOfBlocksError).
+        """
+        with self._lock:
+            cached = self._find_locked(block_hashes[:num_blocks])
+            num_revived = sum(self._ref_counts[block_id] == 0 for block_id in cached)
+            num_fresh = num_blocks - len(cached)
+            if not self.can_allocate(num_fresh + num_revived, keep_watermark):
+                raise OutOfBlocksError(
+                    f"need {num_fresh + num_revived} KV blocks ({len(cached)} cached), "
+                    f"{self.num_free_blocks} of {self.num_blocks} free"
+                )
+            for block_id in cached:  # NOTE: before taking fresh ones, which may evict
+                self._cached_free.pop(block_id, None)
+                self._ref_counts[block_id] += 1
+            fresh = [self._take_free_block() for _ in range(num_fresh)]
+            for block_id in fresh:
+                self._ref_counts[block_id] = 1
+            return cached + fresh, len(cached)
 
     def acquire(self, block_ids: list[int]) -> None:
         """Take one reference to each cached block (as `find_prefix` returned them): a free

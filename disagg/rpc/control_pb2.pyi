@@ -21,7 +21,7 @@ class KVLayout(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("handle_id", "worker_id", "zmq_endpoint", "block_ids", "layout", "num_prompt_tokens", "expires_at_unix_s")
+    __slots__ = ("handle_id", "worker_id", "zmq_endpoint", "block_ids", "layout", "num_prompt_tokens", "expires_at_unix_s", "num_cached_tokens")
     HANDLE_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ZMQ_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class KVHandle(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     handle_id: str
     worker_id: str
     zmq_endpoint: str
@@ -36,7 +37,8 @@ class KVHandle(_message.Message):
     layout: KVLayout
     num_prompt_tokens: int
     expires_at_unix_s: float
-    def __init__(self, handle_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., zmq_endpoint: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ..., expires_at_unix_s: _Optional[float] = ...) -> None: ...
+    num_cached_tokens: int
+    def __init__(self, handle_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., zmq_endpoint: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ..., expires_at_unix_s: _Optional[float] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "seed", "max_tokens", "stop_token_ids", "ignore_eos", "min_tokens", "logprobs", "constraint", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "num_resumed_tokens")
@@ -152,7 +154,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., handle: _Optional[_Union[KVHandle, _Mapping]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token_id", "first_logprob", "queue_s", "prefill_s", "transfer_s", "kv_bytes", "finish_reason", "kv_checksum")
+    __slots__ = ("first_token_id", "first_logprob", "queue_s", "prefill_s", "transfer_s", "kv_bytes", "finish_reason", "kv_checksum", "num_cached_tokens")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +163,7 @@ class PrefillResponse(_message.Message):
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     KV_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     first_logprob: TokenLogprob
     queue_s: float
@@ -169,7 +172,8 @@ class PrefillResponse(_message.Message):
     kv_bytes: int
     finish_reason: str
     kv_checksum: int
-    def __init__(self, first_token_id: _Optional[int] = ..., first_logprob: _Optional[_Union[TokenLogprob, _Mapping]] = ..., queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., finish_reason: _Optional[str] = ..., kv_checksum: _Optional[int] = ...) -> None: ...
+    num_cached_tokens: int
+    def __init__(self, first_token_id: _Optional[int] = ..., first_logprob: _Optional[_Union[TokenLogprob, _Mapping]] = ..., queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., finish_reason: _Optional[str] = ..., kv_checksum: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "model", "address", "total_kv_blocks", "block_size", "vocab_size", "max_model_len", "pid")
@@ -200,20 +204,22 @@ class RegisterResponse(_message.Message):
     def __init__(self, heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "load", "free_kv_blocks", "draining", "num_preemptions", "num_kv_frames_rejected")
+    __slots__ = ("worker_id", "load", "free_kv_blocks", "draining", "num_preemptions", "num_kv_frames_rejected", "cached_kv_blocks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_FRAMES_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    CACHED_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     load: int
     free_kv_blocks: int
     draining: bool
     num_preemptions: int
     num_kv_frames_rejected: int
-    def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., draining: bool = ..., num_preemptions: _Optional[int] = ..., num_kv_frames_rejected: _Optional[int] = ...) -> None: ...
+    cached_kv_blocks: int
+    def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., draining: bool = ..., num_preemptions: _Optional[int] = ..., num_kv_frames_rejected: _Optional[int] = ..., cached_kv_blocks: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("known",)

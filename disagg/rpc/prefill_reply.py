@@ -61,6 +61,7 @@ class PrefillResult(SequenceListener):
                 kv_bytes=nbytes,
                 kv_checksum=checksum,
                 finish_reason=seq.finish_reason or "",
+                num_cached_tokens=seq.num_cached_tokens,
             )
         )
 

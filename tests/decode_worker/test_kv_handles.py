@@ -138,3 +138,39 @@ def test_a_failing_hook_does_not_break_the_lifecycle(table_and_hooks):
     handle = table.allocate("r7", list(range(4)), max_new_tokens=1)
     send_prompt(table, handle)
     assert handle.state == HandleState.READY
+
+
+def test_a_handle_shares_a_cached_prefix_and_drops_frames_that_would_overwrite_it():
+    from disagg.kv.prefix_cache import PrefixCache
+
+    manager = BlockManager(num_blocks=16, block_size=LAYOUT.block_size)
+    cache = PagedKVCache(LAYOUT, 16, torch.device("cpu"))
+    table = HandleTable(manager, cache, 5, 5, prefix_cache=PrefixCache(manager, "m"))
+    prompt = list(range(10))
+    first = table.allocate("r1", prompt, max_new_tokens=2)
+    assert first.num_cached_tokens == 0
+    sent = send_prompt(table, first)
+    assert first.state == HandleState.READY
+    table.release(first.handle_id)  # unclaimed: its blocks go back, registered ones cached
+    assert manager.num_free_blocks == 16 and manager.num_cached_blocks == 2
+
+    second = table.allocate("r2", [*prompt, 10, 11], max_new_tokens=2)
+    assert second.num_cached_tokens == 8 and second.block_ids[:2] == first.block_ids[:2]
+    n = 12
+    k, v = torch.zeros(n, 2, 4), torch.zeros(n, 2, 4)
+    header = LayerHeader(second.handle_id, 0, 0, n, "float32", (n, 2, 4))
+    table.on_layer(header, k, v, frame_checksum(0, 0, k, v))  # tries to overwrite the prefix
+    assert table.num_dropped_frames == 1
+    slots = torch.tensor(cache.slot_ids(second.block_ids, 0, 8))
+    assert torch.equal(cache.gather(0, slots)[0], sent[0][0][:8])
+
+    checksum = 0
+    for layer in range(LAYOUT.num_layers):  # the suffix only, as a prefill worker ships it
+        k, v = torch.randn(4, 2, 4), torch.randn(4, 2, 4)
+        header = LayerHeader(second.handle_id, layer, 8, 12, "float32", (4, 2, 4))
+        table.on_layer(header, k, v, frame_checksum(layer, 8, k, v))
+        checksum = combine(checksum, frame_checksum(layer, 8, k, v))
+    table.on_done(DoneHeader(second.handle_id, n, LAYOUT.num_layers, checksum, 0))
+    assert second.state == HandleState.READY
+    table.release(second.handle_id)
+    assert manager.num_free_blocks == 16 and manager.num_cached_blocks == 3
