@@ -49,7 +49,6 @@ async def run(
         decode.ready_timeout_s,
         decode.claim_timeout_s,
         hooks=hooks,
-        hooks=[waiters],
         prefix_cache=engine.scheduler.prefix_cache,
     )
     worker_id = resolved_id(config, role)
