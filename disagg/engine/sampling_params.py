@@ -40,6 +40,10 @@ class SamplingParams:
     constraint: str = ""
     """The output's grammar as `ConstraintSpec.to_wire()` (disagg/grammar/spec.py); "" for none.
     A string, so it crosses the control plane as is and each engine compiles it (cached)."""
+    num_resumed_tokens: int = 0
+    """How many of the prompt's last tokens are output the client already has: a request
+    migrated mid-stream resumes with prompt + output so far as its prompt, and its grammar
+    replays these tokens, so the output continues the one document instead of starting anew."""
 
     def __post_init__(self) -> None:
         self._check_counts()
@@ -64,6 +68,11 @@ class SamplingParams:
         if not 0 <= self.top_k < UINT32_LIMIT:
             raise InvalidRequestError(
                 f"top_k must be in [0, 2^32) (0 disables), got {self.top_k}", "top_k"
+            )
+        if not 0 <= self.num_resumed_tokens < UINT32_LIMIT:
+            raise InvalidRequestError(
+                f"num_resumed_tokens must be in [0, 2^32), got {self.num_resumed_tokens}",
+                "num_resumed_tokens",
             )
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise InvalidRequestError(

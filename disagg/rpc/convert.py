@@ -19,6 +19,7 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         ignore_eos=params.ignore_eos,
         min_tokens=params.min_tokens,
         constraint=params.constraint,
+        num_resumed_tokens=params.num_resumed_tokens,
     )
     if params.seed is not None:
         message.seed = params.seed
@@ -40,6 +41,7 @@ def sampling_from_proto(message: pb.SamplingParams) -> SamplingParams:
         min_tokens=message.min_tokens,
         logprobs=message.logprobs if message.HasField("logprobs") else None,
         constraint=message.constraint,
+        num_resumed_tokens=message.num_resumed_tokens,
     )
 
 
