@@ -3,7 +3,8 @@
 The coordinator keeps every request's prompt and the tokens it has streamed so far. When a
 worker fails, hangs or leaves the rotation mid-request, the sequence is re-admitted
 elsewhere with prompt + tokens-so-far as its prompt: a fresh Allocate and Prefill whose
-first token is the next one, with what is left of the request's budgets (`resumed_params`).
+first token is the next one, with what is left of the request's budgets (`resumed_params`);
+a constrained request's grammar state is rebuilt on the new workers from every token so far.
 In float32 the recomputed KV gives the same greedy tokens as the undisturbed run; a seeded
 request gets the same draws too (`resumed_seed`). Like the decode-stream migration of
 vLLM/Dynamo, but it covers the prefill phase as well.
@@ -64,7 +65,11 @@ def resumed_seed(seed: int, num_produced: int) -> int:
 
 
 def resumed_params(params: SamplingParams, num_produced: int) -> SamplingParams:
-    """What is left of the request after `num_produced` tokens reached the client."""
+    """What is left of the request after `num_produced` tokens reached the client.
+
+    The resumed prompt ends with those tokens (`num_resumed_tokens`): a constrained request's
+    grammar replays them on the new workers, so the output stays one document.
+    """
     if num_produced == 0:
         return params
     seed = None if params.seed is None else resumed_seed(params.seed, num_produced)
@@ -73,7 +78,7 @@ def resumed_params(params: SamplingParams, num_produced: int) -> SamplingParams:
         max_tokens=params.max_tokens - num_produced,
         min_tokens=max(0, params.min_tokens - num_produced),
         seed=seed,
-        num_resumed_tokens=params.num_resumed_tokens + num_produced,  # penalties count them
+        num_resumed_tokens=params.num_resumed_tokens + num_produced,  # grammar, penalties
     )
 
 

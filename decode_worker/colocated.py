@@ -11,9 +11,11 @@ import grpc
 from decode_worker.kv_handles import FreeReason, HandleState, HandleTable
 from disagg.engine.sequence import Sequence
 from disagg.engine.worker_loop import EngineLoop
+from disagg.errors import InvalidRequestError
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc import control_pb2_grpc as pb_grpc
 from disagg.rpc.prefill_reply import PrefillResult, run_prefill
+from disagg.rpc.status import abort_invalid
 
 
 class InPlacePrefill(PrefillResult):
@@ -56,4 +58,8 @@ class ColocatedPrefillService(pb_grpc.PrefillWorkerServicer):
             num_cached_tokens=handle.num_cached_tokens,
             owns_blocks=False,
         )
+        try:
+            await self.loop.engine.grammars.prepare(seq)  # NOTE: compiles off the engine thread
+        except InvalidRequestError as error:  # the coordinator frees the handle, as after any 400
+            await abort_invalid(context, error)
         return await run_prefill(self.loop, seq, InPlacePrefill(self.table, handle.handle_id))

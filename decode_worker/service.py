@@ -134,6 +134,8 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         try:
             params = sampling_from_proto(request.sampling)
             self.engine.check_prompt(prompt, params.max_tokens)
+            # NOTE: compiled now, off the engine thread, so that Decode finds it cached
+            await self.engine.grammars.compile_ahead(params.constraint)
             if self.engine.scheduler.has_preempted:  # they resume first, or could starve
                 raise OutOfBlocksError("preempted sequences are waiting for KV blocks")
             handle = self.table.allocate(request.request_id, prompt, params.max_tokens)
@@ -176,9 +178,14 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         span = tracing.current_span()
         stream = DecodeStream() if span is None else TracedDecodeStream(self.loop)
         self._decoding[handle.handle_id] = seq
-        self.loop.submit(Admit(seq, stream))
         reason = FreeReason.CANCELLED
         try:
+            try:
+                await self.engine.grammars.prepare(seq)  # NOTE: off the engine thread
+            except InvalidRequestError as error:  # its tokens do not follow its grammar
+                reason = FreeReason.ERROR
+                await abort_invalid(context, error)
+            self.loop.submit(Admit(seq, stream))
             while True:
                 event = await stream.events.get()
                 if event.error:

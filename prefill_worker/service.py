@@ -44,8 +44,9 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         try:
             params = sampling_from_proto(request.sampling)
             self.engine.check_prompt(prompt, 0)  # only the prompt's blocks are ours
+            seq = Sequence(prompt, params, request_id=request.request_id)
+            await self.engine.grammars.prepare(seq)  # NOTE: compiles off the engine thread
         except InvalidRequestError as error:
             await abort_invalid(context, error)
-        seq = Sequence(prompt, params, request_id=request.request_id)
         shipping = ShipKV(self.loop, self.sender, self.completions, request.handle)
         return await run_prefill(self.loop, seq, shipping)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
 from bench.serving import record as rec
 from bench.serving.record import RequestRecord
 from bench.serving.sse import parse_stream
+from bench.serving.structured import BENCH_SCHEMA, is_constrained, response_format
 from bench.serving.workload import WorkloadRequest
 
 APIS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
@@ -37,8 +38,16 @@ class RequestOptions:
     """Sampling temperature."""
     timeout_s: float = 600.0
     """Whole-request deadline, first byte to last."""
+    json_schema_fraction: float = 0.0
+    """Share of requests asking for JSON under `json_schema` (bench/serving/structured.py)."""
+    json_schema: dict = field(default_factory=lambda: BENCH_SCHEMA)
+    """The schema constrained requests send as `response_format`."""
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.json_schema_fraction <= 1.0:
+            raise ValueError(
+                f"json_schema_fraction must be in [0, 1], got {self.json_schema_fraction}"
+            )
         if self.api not in APIS:
             raise ValueError(f"api must be one of {tuple(APIS)}, got {self.api!r}")
         if self.timeout_s <= 0:
@@ -66,6 +75,8 @@ def request_body(
         body["messages"] = [{"role": "user", "content": request.prompt}]
     else:
         body["prompt"] = request.prompt
+    if is_constrained(request.index, options.json_schema_fraction):
+        body["response_format"] = response_format(options.json_schema)
     body |= extra or {}
     return json.dumps({k: v for k, v in body.items() if v is not None}).encode()
 

@@ -30,6 +30,7 @@ from bench.serving.runner import (
 )
 from bench.serving.schedule import LoadSpec, Schedule, build_schedule, parse_load, within
 from bench.serving.slo import parse_slo
+from bench.serving.structured import load_schema
 from bench.serving.table import print_table
 from bench.serving.workload import SyntheticConfig, WorkloadRequest, build_synthetic
 
@@ -90,6 +91,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api", default="completions", choices=list(APIS))
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument(
+        "--json-schema-fraction",
+        type=float,
+        default=0.0,
+        help="share of requests constrained to JSON by response_format json_schema (0-1)",
+    )
+    parser.add_argument(
+        "--json-schema", type=Path, default=None, help="their JSON Schema file (default: built in)"
+    )
     parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
         "--progress",
@@ -181,7 +191,15 @@ def build_plan(args: argparse.Namespace) -> tuple[RunPlan, list]:
     parse_length(args.input_len), parse_length(args.output_len)  # fail before the tokenizer loads
     load = parse_load(args.load)
     slo = parse_slo(args.slo)
-    options = RequestOptions(args.model, args.api, args.ignore_eos, args.temperature, args.timeout)
+    options = RequestOptions(
+        args.model,
+        args.api,
+        args.ignore_eos,
+        args.temperature,
+        args.timeout,
+        args.json_schema_fraction,
+        load_schema(args.json_schema),
+    )
     schedule = build_schedule(load, num_requests, args.seed, args.max_inflight)
     workload, trace_offsets_s = build_workload(args, num_requests)
     if trace_offsets_s is not None:

@@ -50,14 +50,16 @@ class SamplingParams:
     Keskar et al. 2019, as transformers' RepetitionPenaltyLogitsProcessor); 1 is off."""
     logit_bias: tuple[tuple[int, float], ...] = ()
     """(token id, bias) pairs added to the logits before sampling (OpenAI's logit_bias)."""
-    num_resumed_tokens: int = 0
-    """The prompt's last N tokens are this request's output from before a migration
-    (coordinator/migration.py): presence and frequency penalties count them as output."""
     logprobs: int | None = None
     """None: no logprobs; N >= 0: the chosen token's logprob plus the top N alternatives."""
     constraint: str = ""
     """The output's grammar as `ConstraintSpec.to_wire()` (disagg/grammar/spec.py); "" for none.
     A string, so it crosses the control plane as is and each engine compiles it (cached)."""
+    num_resumed_tokens: int = 0
+    """How many of the prompt's last tokens are output the client already has: a request
+    migrated mid-stream resumes with prompt + output so far as its prompt, and its grammar
+    replays these tokens, so the output continues the one document instead of starting anew,
+    and presence and frequency penalties count them as output."""
 
     def __post_init__(self) -> None:
         self._check_counts()
@@ -84,6 +86,11 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"top_k must be in [0, 2^32) (0 disables), got {self.top_k}", "top_k"
             )
+        if not 0 <= self.num_resumed_tokens < UINT32_LIMIT:
+            raise InvalidRequestError(
+                f"num_resumed_tokens must be in [0, 2^32), got {self.num_resumed_tokens}",
+                "num_resumed_tokens",
+            )
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise InvalidRequestError(
                 f"min_tokens must be in [0, max_tokens], got {self.min_tokens}", "min_tokens"
@@ -102,11 +109,6 @@ class SamplingParams:
                     f"logit_bias token ids must be in [0, 2^32), got {token_id}", "logit_bias"
                 )
             _check_range("logit_bias", bias, LOGIT_BIAS_RANGE)
-        if not 0 <= self.num_resumed_tokens < UINT32_LIMIT:
-            raise InvalidRequestError(
-                f"num_resumed_tokens must be in [0, 2^32), got {self.num_resumed_tokens}",
-                "num_resumed_tokens",
-            )
 
     @property
     def has_penalties(self) -> bool:

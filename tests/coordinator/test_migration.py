@@ -186,6 +186,17 @@ def test_budgets_count_across_a_migration():
     assert resumed_params(params, 0) is params
 
 
+def test_a_resumed_request_says_how_much_of_its_prompt_is_output_and_the_wire_keeps_it():
+    """The new workers replay that tail into the request's grammar (disagg/engine/grammars.py)."""
+    from disagg.rpc.convert import sampling_from_proto, sampling_to_proto
+
+    params = SamplingParams(max_tokens=10, constraint='{"kind":"json_object"}')
+    rest = resumed_params(params, 4)
+    assert rest.num_resumed_tokens == 4
+    assert resumed_params(rest, 3).num_resumed_tokens == 7
+    assert sampling_from_proto(sampling_to_proto(rest)) == rest
+
+
 def test_a_resumed_seed_continues_the_same_draws():
     """The sampler seeds position i's draw from (seed, i) (disagg/engine/sampler.py); the
     resumed seed at position i must give the original seed's draw at position n + i."""

@@ -106,3 +106,28 @@ def test_a_first_token_outside_the_grammar_is_refused(engine):
     seq.output_token_ids.append(engine.tokenizer.encode("x")[0])
     with pytest.raises(InvalidRequestError):
         engine.add_sequence(seq)
+
+
+@pytest.mark.parametrize("num_resumed", [1, 5])
+def test_a_resumed_sequence_continues_the_same_document(engine, num_resumed):
+    """A migration re-admits prompt + output so far as the prompt: the grammar replays that
+    tail, so the rest equals the undisturbed run instead of starting a second object."""
+    prompt = [1, 9, 8, 7]
+    (whole,) = engine.generate([prompt], _params(SPEC))
+    assert len(whole.output_token_ids) > num_resumed + 1
+    done = whole.output_token_ids[:num_resumed]
+    resumed = SamplingParams(
+        temperature=0,
+        max_tokens=MAX_TOKENS - num_resumed,
+        constraint=SPEC.to_wire(),
+        num_resumed_tokens=num_resumed,
+    )
+    (rest,) = engine.generate([prompt + done], resumed)
+    assert done + rest.output_token_ids == whole.output_token_ids
+    assert rest.finish_reason == "stop"
+
+
+def test_a_resumed_tail_longer_than_the_prompt_is_refused(engine):
+    params = SamplingParams(temperature=0, constraint=SPEC.to_wire(), num_resumed_tokens=4)
+    with pytest.raises(InvalidRequestError, match="num_resumed_tokens"):
+        engine.add_sequence(Sequence([1, 2, 3], params))

@@ -17,6 +17,7 @@ from disagg.errors import InvalidRequestError
         ({"top_k": -1}, "top_k"),
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
         ({"logprobs": 21}, "logprobs"),
+        ({"num_resumed_tokens": -1}, "num_resumed_tokens"),
     ],
 )
 def test_bad_values_name_the_offending_field(kwargs, param):
