@@ -156,11 +156,14 @@ def test_an_altered_frame_is_dropped_and_the_handle_fails_cleanly(serve, decode_
     assert status == 200 and body["usage"]["completion_tokens"] == 2, body
 
 
-def test_a_request_whose_kv_frames_fail_their_mac_errors_cleanly(serve):
+def test_a_request_whose_kv_frames_fail_their_mac_still_completes_exactly(serve):
     """Every layer the prefill worker ships is altered on the way (signed under another key):
     the decode worker drops them all, the handle fails as incomplete at the done message, and
-    the coordinator tries to move the request on. With one decode worker, which it has seen
-    fail, the client gets a clean 503, and no handle ever held the foreign bytes."""
+    the coordinator moves the request on: its only decode worker is a last resort it retries,
+    each new prefill yields the next token, and the client gets the undisturbed text. No
+    handle ever held the foreign bytes."""
+    status, undisturbed = serve.completion("Fail me over", max_tokens=3, temperature=0)
+    assert status == 200, undisturbed
     real_signed = KVSender._signed
     rogue = FrameMac("in-flight-tamperer")
 
@@ -171,9 +174,11 @@ def test_a_request_whose_kv_frames_fail_their_mac_errors_cleanly(serve):
     before = rejected_count(serve)
     with mock.patch.object(KVSender, "_signed", altered_layers):
         status, body = serve.completion("Fail me over", max_tokens=3, temperature=0)
-    assert status == 503 and body["error"]["type"] == "service_unavailable", body
+    assert status == 200, body
+    assert body["choices"][0]["text"] == undisturbed["choices"][0]["text"]
     num_layers = 2  # the tiny model's
-    wait_until(lambda: rejected_count(serve) - before == num_layers, 10, "the layers counted")
+    wait_until(lambda: rejected_count(serve) - before >= num_layers, 10, "the layers counted")
+    assert (rejected_count(serve) - before) % num_layers == 0
     serve.wait_all_blocks_free()
     status, body = serve.completion("Still serving?", max_tokens=2, temperature=0)
     assert status == 200 and body["usage"]["completion_tokens"] == 2, body
