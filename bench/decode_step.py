@@ -16,6 +16,7 @@ import torch
 
 from disagg.engine.llm_engine import EngineConfig, LLMEngine
 from disagg.engine.sampling_params import SamplingParams
+from disagg.model.compiled_decode import compile_decode
 from disagg.model.llama import LlamaModel
 from disagg.model.loader import LoadedModel
 
@@ -45,8 +46,10 @@ def time_variants(
     prompts: list[list[int]],
     variants: dict[str, Callable[[], LlamaModel]],
     steps: int,
+    compiled: frozenset[str] = frozenset(),
 ) -> dict[str, float]:
-    """Median ms of one decode step over `prompts` for each variant."""
+    """Median ms of one decode step over `prompts` for each variant; the variants named in
+    `compiled` run their forward through torch.compile (compiled on their warm-up round)."""
     engine = LLMEngine(EngineConfig(max_num_batched_tokens=1 << 16), loaded=loaded)
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     seqs = [engine.add_request(p, params) for p in prompts]
@@ -55,24 +58,33 @@ def time_variants(
     assert len(batch) == len(seqs), "the whole batch must decode together"
     runner = engine.runner
     models = {name: build() for name, build in variants.items()}
+    forwards = {name: compile_decode(models[name]) for name in compiled}
     times: dict[str, list[float]] = {name: [] for name in models}
     for round_index in range(steps + 1):
         for name, model in models.items():
             runner.model = model
+            runner.compiled_decode = forwards.get(name)
             start = time.perf_counter()
             runner.decode(batch)  # rewrites the same slot: the step stays identical
             if round_index:  # the first round warms up
                 times[name].append(time.perf_counter() - start)
+    runner.compiled_decode = None
     for seq in seqs:
         engine.abort(seq.request_id)
     return {name: 1e3 * statistics.median(values) for name, values in times.items()}
 
 
-def eager_vs_fast(loaded: LoadedModel) -> dict[str, Callable[[], LlamaModel]]:
-    """The engine as it first was against the fast path (sdpa), and the fast path with bmm."""
+def eager_vs_fast(
+    loaded: LoadedModel, with_compiled: bool = False
+) -> dict[str, Callable[[], LlamaModel]]:
+    """The engine as it first was against the fast path (sdpa), the fast path with bmm and,
+    `with_compiled`, the fast path through torch.compile (`fast_compiled`)."""
     hf = loaded.model
-    return {
+    variants = {
         "eager": lambda: LlamaModel(hf, fast=False),
         "fast": lambda: LlamaModel(hf, fast=True),
         "fast_bmm": lambda: LlamaModel(hf, fast=True, attention_method="bmm"),
     }
+    if with_compiled:
+        variants["fast_compiled"] = lambda: LlamaModel(hf, fast=True)
+    return variants

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--step-batches", default="1,16,64", help="batches for eager vs fast")
     parser.add_argument("--threads", default="", help="comma-separated torch thread counts")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time the step through torch.compile (slow)"
+    )
     parser.add_argument("--output", default="bench/results")
 
 
@@ -150,7 +153,9 @@ def bench_steps(args: argparse.Namespace, loaded: LoadedModel) -> dict:
         bandwidth = copy_bandwidth_gb_s()
         floor_ms = 1e3 * nbytes / (bandwidth * 1e9)
         for batch in batches:
-            ms = time_variants(loaded, prompts[:batch], eager_vs_fast(loaded), args.decode_steps)
+            variants = eager_vs_fast(loaded, with_compiled=args.compile)
+            compiled = frozenset({"fast_compiled"} if args.compile else ())
+            ms = time_variants(loaded, prompts[:batch], variants, args.decode_steps, compiled)
             timings = ", ".join(f"{name} {v:.2f} ms" for name, v in ms.items())
             print(f"threads {torch.get_num_threads()} batch {batch}: {timings}", flush=True)
             results.append(
@@ -172,6 +177,11 @@ def print_steps(steps: dict, dtype: str, prompt_len: int) -> None:
         print(f"{run['threads']:>7}{run['batch']:>6}" + "".join(f"{ms[n]:>11.2f}" for n in names)
               + f"{ms['eager'] / ms['fast']:>10.2f}x{tok_s:>11.1f}"
               + f"{ms['fast'] / run['weight_read_ms']:>9.2f}x")  # fmt: skip
+    for run in steps["runs"]:
+        ms = run["step_ms"]
+        if "fast_compiled" in ms:
+            print(f"threads {run['threads']} batch {run['batch']}: eager fast / compiled "
+                  f"{ms['fast'] / ms['fast_compiled']:.2f}x")  # fmt: skip
     for run in steps["runs"]:
         if run["batch"] == 1:
             print(f"threads {run['threads']}: copy bandwidth {run['copy_gb_s']:.1f} GB/s, "
