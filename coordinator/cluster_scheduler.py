@@ -76,6 +76,7 @@ class ClusterScheduler:
         self._lost = LostWatch()
         registry.on_lost(self._lost.lost)
         registry.channel_options = keepalive_options(config.keepalive_s)
+        registry.set_handle_lease(config.handle_lease_s)
 
     def check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Refuse (400) a request no registered decode worker could ever hold, checked against
@@ -141,6 +142,7 @@ class ClusterScheduler:
         )
         trace.queue_s += queue_s
         trace.decode_worker = decode.worker_id
+        self.registry.hold_handle(decode, handle.handle_id)  # NOTE: heartbeats renew its lease
         num_blocks = self.registry.blocks_for(
             decode, initial_num_tokens(len(prompt_ids), params.max_tokens)
         )
@@ -165,6 +167,7 @@ class ClusterScheduler:
                     finished = update.finish_reason is not None
                     yield update
             finally:
+                self.registry.let_go_handle(decode, handle.handle_id)
                 if finished and release_reason != "finished":  # the worker freed them itself
                     self.registry.release_blocks(decode, num_blocks)
                 else:
@@ -186,7 +189,10 @@ class ClusterScheduler:
             raise WorkerError(f"no decode worker is registered{left}")
         check_fits([w.info for w in candidates], prompt_ids, params.max_tokens)
         request = pb.AllocateRequest(
-            request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling_to_proto(params)
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            sampling=sampling_to_proto(params),
+            lease_s=self.registry.lease_s,
         )
         # NOTE: a decode worker reserves the prompt plus a lookahead and grows on demand
         num_tokens = initial_num_tokens(len(prompt_ids), params.max_tokens)

@@ -29,6 +29,10 @@ def receiver_bind(config: WorkerConfig, transport: str) -> str:
     return f"tcp://{config.host}:0"
 
 
+LEASE_SWEEP_S = 0.5
+"""How often handles whose lease lapsed are looked for (leases last several seconds)."""
+
+
 async def run(
     engine_config: EngineConfig, config: WorkerConfig, decode: DecodeWorkerConfig
 ) -> None:
@@ -36,15 +40,16 @@ async def run(
     apply_threads(config)
     engine = LLMEngine(engine_config)
     waiters = SettleWaiters()
+    role = "colocated" if decode.colocated else "decode"
+    worker_id = resolved_id(config, role)
     table = HandleTable(
         engine.block_manager,
         engine.kv_cache,
         decode.ready_timeout_s,
         decode.claim_timeout_s,
         hooks=[waiters],
+        worker_id=worker_id,
     )
-    role = "colocated" if decode.colocated else "decode"
-    worker_id = resolved_id(config, role)
     receiver = None
     if not decode.colocated:
         bind = receiver_bind(config, decode.kv_transport)
@@ -53,6 +58,7 @@ async def run(
     loop.start()
     endpoint = receiver.endpoint if receiver else ""
     service = DecodeService(engine, table, loop, waiters, worker_id, endpoint)
+    leases = asyncio.create_task(service.expire_leases(LEASE_SWEEP_S))
 
     def add_services(server) -> None:
         pb_grpc.add_DecodeWorkerServicer_to_server(service, server)
@@ -69,13 +75,18 @@ async def run(
             num_preemptions=engine.scheduler.num_preemptions,
         )
 
+    def renew_leases(reply: pb.HeartbeatResponse) -> None:
+        if reply.lease_s > 0:
+            table.renew(list(reply.leased_handle_ids), reply.lease_s)
+
     def on_stop() -> None:
+        leases.cancel()
         loop.stop()
         if receiver is not None:
             receiver.stop()
 
     info = worker_info(engine, role, worker_id)
-    await serve_worker(config, info, add_services, status, on_stop)
+    await serve_worker(config, info, add_services, status, on_stop, renew_leases)
 
 
 def main(engine_config: EngineConfig, config: WorkerConfig, decode: DecodeWorkerConfig) -> int:

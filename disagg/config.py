@@ -144,6 +144,8 @@ class DispatchConfig:
     """Times one request may move to another worker after a fault before it fails."""
     keepalive_s: float = 5.0
     """gRPC keepalive ping interval on the channels to workers, in seconds."""
+    handle_lease_s: float = 10.0
+    """Seconds a KV handle outlives its last renewal (each heartbeat reply); 0: no lease."""
 
     def __post_init__(self) -> None:
         for name in ("allocate_timeout_s", "prefill_timeout_s", "decode_timeout_s"):
@@ -152,6 +154,7 @@ class DispatchConfig:
         require(self.stall_timeout_s > 0, "stall_timeout_s", "must be > 0")
         require(self.max_migrations >= 0, "max_migrations", "must be >= 0")
         require(self.keepalive_s > 0, "keepalive_s", "must be > 0")
+        require(self.handle_lease_s >= 0, "handle_lease_s", "must be >= 0")
 
 
 @dataclass(frozen=True)
