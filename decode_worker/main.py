@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import tempfile
+import shutil
+from pathlib import Path
 
 from decode_worker.colocated import ColocatedPrefillService
 from decode_worker.kv_handles import HandleTable
+from decode_worker.kv_socket_dir import make_socket_dir, remove_stale_socket_dirs
 from decode_worker.service import DecodeService, SettleWaiters
 from disagg.config import DecodeWorkerConfig, EngineConfig, WorkerConfig
 from disagg.engine.llm_engine import LLMEngine
@@ -24,8 +26,11 @@ from disagg.rpc.worker_process import (
 
 
 def receiver_bind(config: WorkerConfig, transport: str) -> str:
+    """Where the KV receiver binds; for ipc, a fresh socket directory (stale ones of dead
+    workers are removed first: a SIGKILLed worker cannot remove its own)."""
     if transport == "ipc":
-        return f"ipc://{tempfile.mkdtemp(prefix='disagg-kv-')}/kv.sock"
+        remove_stale_socket_dirs()
+        return f"ipc://{make_socket_dir()}/kv.sock"
     return f"tcp://{config.host}:0"
 
 
@@ -84,6 +89,8 @@ async def run(
         loop.stop()
         if receiver is not None:
             receiver.stop()
+            if bind.startswith("ipc://"):
+                shutil.rmtree(Path(bind.removeprefix("ipc://")).parent, ignore_errors=True)
 
     info = worker_info(engine, role, worker_id)
     await serve_worker(config, info, add_services, status, on_stop, renew_leases)
