@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import grpc
 
 from coordinator.admission import Admission
+from coordinator.client_deadline import call_timeout_s, within_deadline
 from coordinator.errors import WorkerError
 from coordinator.migration import (
     DECODE_FAILED,
@@ -99,8 +100,11 @@ class ClusterScheduler:
         avoid: set[str] = set()
         fault: WorkerFault | None = None
         while True:
-            attempt = self._attempt(
-                prompt_ids + produced, resumed_params(params, len(produced)), trace, avoid
+            attempt = within_deadline(
+                self._attempt(
+                    prompt_ids + produced, resumed_params(params, len(produced)), trace, avoid
+                ),
+                trace.deadline_s,
             )
             try:
                 async for update in attempt:
@@ -277,7 +281,8 @@ class ClusterScheduler:
         self.registry.start_prefill(prefill, len(prompt_ids))
         try:
             with self._lost.watching(prefill.worker_id) as prefill_lost:
-                call = prefill.prefill.Prefill(request, timeout=self.config.prefill_timeout_s)
+                timeout_s = call_timeout_s(self.config.prefill_timeout_s, trace.deadline_s)
+                call = prefill.prefill.Prefill(request, timeout=timeout_s)
                 reply = await first_of(call, [prefill_lost, decode_lost], None)
         except Interrupted as stop:
             cause = DECODE_FAILED if stop.flag is decode_lost else PREFILL_FAILED
@@ -318,7 +323,8 @@ class ClusterScheduler:
         """The decode stream's tokens; WorkerFault if it fails, ends unfinished, goes
         `stall_timeout_s` without a token, or its worker leaves the rotation."""
         request = pb.DecodeRequest(handle_id=handle.handle_id, first_token_id=first.token_id)
-        stream = decode.decode.Decode(request, timeout=self.config.decode_timeout_s)
+        timeout_s = call_timeout_s(self.config.decode_timeout_s, trace.deadline_s)
+        stream = decode.decode.Decode(request, timeout=timeout_s)
         stall_s = self.config.stall_timeout_s
         offset_s: float | None = None
         events = aiter(stream)
