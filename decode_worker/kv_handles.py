@@ -337,16 +337,27 @@ class HandleTable:
     def renew(self, handle_ids: list[str], lease_s: float, now_s: float | None = None) -> int:
         """Extend the leases of the handles named (the coordinator still holds them) to
         `lease_s` from now; ids unknown here, of another incarnation, or of handles without
-        a lease are ignored. Returns how many were renewed."""
-        end_s = (time.monotonic() if now_s is None else now_s) + lease_s
+        a lease are ignored. Returns how many were renewed.
+
+        NOTE: a renewal also restarts the wait for the KV (or for the Decode): the holder
+        still wants the handle, so a prefill queued behind others under load is not cut
+        off by the fixed ready timeout; the lease is what frees an abandoned handle.
+        """
+        now_s = time.monotonic() if now_s is None else now_s
         num_renewed = 0
         with self._lock:
             for handle_id in handle_ids:
                 handle = self._handles.get(handle_id)
                 if handle is not None and handle.lease_expires_s != float("inf"):
-                    handle.lease_expires_s = max(handle.lease_expires_s, end_s)
+                    handle.lease_expires_s = max(handle.lease_expires_s, now_s + lease_s)
+                    handle.deadline_s = max(handle.deadline_s, now_s + self._wait_s(handle))
                     num_renewed += 1
         return num_renewed
+
+    def _wait_s(self, handle: KVHandle) -> float:
+        """How long a handle in its state may wait for its next step."""
+        is_ready = handle.state == HandleState.READY
+        return self.claim_timeout_s if is_ready else self.ready_timeout_s
 
     def lapsed(self, now_s: float | None = None) -> list[str]:
         """Handles, in any state, whose lease ran out: their holder is gone."""

@@ -193,3 +193,15 @@ def test_without_a_lease_handles_never_lapse(table_and_hooks):
     table, _ = table_and_hooks
     table.allocate("r", list(range(4)), max_new_tokens=1)
     assert table.lapsed(now_s=1e12) == []
+
+
+def test_a_renewed_handle_keeps_waiting_for_its_kv_past_the_ready_timeout(table_and_hooks):
+    """Under load a prefill may queue longer than the ready timeout; while the coordinator
+    renews the handle it waits on, and only the lease frees it once abandoned."""
+    table, _ = table_and_hooks  # ready timeout 5 s
+    queued = table.allocate("q", list(range(4)), max_new_tokens=1, lease_s=2.0)
+    start_s = queued.lease_expires_s - 2.0
+    for t in range(1, 20):  # a heartbeat a second for 19 s
+        table.renew([queued.handle_id], 2.0, now_s=start_s + t)
+        assert table.expire(now_s=start_s + t + 0.5) == []
+    assert table.lapsed(now_s=start_s + 19 + 2.0) == [queued.handle_id]
