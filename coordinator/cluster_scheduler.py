@@ -185,12 +185,17 @@ class ClusterScheduler:
         avoid: AbstractSet[str] = frozenset(),
     ) -> tuple[WorkerRecord, pb.KVHandle] | None:
         """Try decode workers, most free blocks first, none this request saw fail; None when
-        none has room now."""
-        healthy = [w for w in self.registry.healthy("decode") if w.worker_id not in avoid]
-        candidates = sorted(healthy, key=lambda w: -w.free_blocks_estimate)
+        none has room now.
+
+        NOTE: a worker the request saw fail or stall that is still in the rotation (slow
+        under load, not dead) is the last resort rather than excluded: with every other one
+        gone, failing the request would be worse. Migrations stay bounded either way.
+        """
+        healthy = self.registry.healthy("decode")
+        fresh = [w for w in healthy if w.worker_id not in avoid]
+        candidates = sorted(fresh or healthy, key=lambda w: -w.free_blocks_estimate)
         if not candidates:
-            left = " that this request has not seen fail" if avoid else ""
-            raise WorkerError(f"no decode worker is registered{left}")
+            raise WorkerError("no decode worker is registered")
         check_fits([w.info for w in candidates], prompt_ids, params.max_tokens)
         request = pb.AllocateRequest(
             request_id=request_id,

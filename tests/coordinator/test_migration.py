@@ -206,3 +206,16 @@ def test_migrations_and_recovery_reach_the_metrics():
     text = metrics.registry
     assert text.get_sample_value("disagg_migrations_total", {"model": "m", "cause": "stall"}) == 1
     assert text.get_sample_value("disagg_recovery_seconds_count", {"model": "m"}) == 2
+
+
+def test_a_stall_on_the_only_decode_worker_left_retries_there_rather_than_failing():
+    slow = FakeWorker("d0", hang_after=3)  # one stall, then it behaves
+
+    async def scenario():
+        scheduler = fake_cluster([slow], [FakeWorker("p0")], stall_timeout_s=0.2)
+        trace = RequestTrace("r")
+        return trace, await run(scheduler, trace)
+
+    trace, updates = asyncio.run(scenario())
+    check_one_stream(updates)
+    assert trace.migrations == ["stall"] and len(slow.allocations) == 2
