@@ -155,35 +155,35 @@ def test_requests_survive_every_fault_with_the_same_tokens():
         serve.wait_all_blocks_free(timeout_s=60)
 
 
+def slot(worker_id: str) -> str:
+    """The supervisor's slot of a worker incarnation: `decode-0` of `decode-0-e2`."""
+    return worker_id.rsplit("-e", 1)[0]
+
+
 def drain_every_worker(serve: ServeProcess, run, expected: list[Stream], gone: set[str]):
-    """SIGTERM a busy prefill worker and a decode worker mid-stream, in one batch, twice: each
-    drains (finishes what it has, exits 0) and is restarted; returns the drained ids."""
+    """SIGTERM a busy prefill worker and a decode worker mid-stream, in one batch, twice (a
+    different slot each time): each drains (finishes what it has, exits 0) and is restarted;
+    returns the drained worker ids."""
     wait_back(serve, "decode", gone)
     wait_back(serve, "prefill", gone)
     drained: set[str] = set()
     for _ in range(2):
 
-        def fresh_busy(role: str) -> dict | None:
-            return next(
-                (
-                    w
-                    for w in workers(serve, role)
-                    if w["load"] > 0 and w["worker_id"] not in drained
-                ),
-                None,
-            )
+        def busy_undrained(role: str) -> dict | None:
+            slots = {slot(worker_id) for worker_id in drained}
+            candidates = [w for w in workers(serve, role) if slot(w["worker_id"]) not in slots]
+            return next((w for w in candidates if w["load"] > 0), None)
 
         def drain(batch: list[Stream]) -> None:
-            victim = wait_until(lambda: fresh_busy("prefill"), 120, "a busy prefill worker")
+            victim = wait_until(lambda: busy_undrained("prefill"), 120, "a busy prefill worker")
             os.kill(victim["pid"], signal.SIGTERM)
-            drained.add(victim["worker_id"])
             wait_until(lambda: all(s.num_chunks >= 3 for s in batch), 180, "streams going")
-            victim = wait_until(lambda: fresh_busy("decode"), 30, "a busy decode worker")
-            os.kill(victim["pid"], signal.SIGTERM)
-            drained.add(victim["worker_id"])
+            other = wait_until(lambda: busy_undrained("decode"), 30, "a busy decode worker")
+            os.kill(other["pid"], signal.SIGTERM)
+            drained.update((victim["worker_id"], other["worker_id"]))
 
         check_same(run(streams(long=False), drain), expected)
         wait_back(serve, "decode", drained | gone)
         wait_back(serve, "prefill", drained | gone)
-    assert len(drained) == 4, drained
+    assert len({slot(worker_id) for worker_id in drained}) == 4, drained
     return drained
