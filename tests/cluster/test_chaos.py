@@ -34,6 +34,13 @@ DECODE_MAX_TOKENS = 24
 PREFILL_MAX_TOKENS = 4
 PROTOCOLS = ("completions", "chat", "completions", "grpc")
 TOPICS = ("rivers", "bread", "trains", "owls", "glass", "chess", "tides", "paper")
+STORY_TOPICS = (
+    "rivers 0", "bread 1", "trains 2", "foxes 3", "glass 4", "chess 5", "tides 6", "paper 7",
+    "rivers 8", "bread 9", "trains 10", "owls 11", "lamps 12", "chess 13", "tides 14", "paper 15",
+)  # fmt: skip
+"""NOTE: every story's greedy path keeps a top-2 logit gap >= 1e-3 (checked with transformers):
+a float32 matmul over another batch size may differ in the last bits, enough to flip a 1e-5
+tie (`owls 3` had one: ' night' vs ' one'), which no migration would have caused."""
 LONG_PROMPT_WORDS = 80
 """Long enough that a CPU prefill (and its KV transfer) takes a while, so a kill lands in it."""
 RESTART_TIMEOUT_S = 180.0
@@ -48,7 +55,7 @@ def streams(long: bool) -> list[Stream]:
             words = " ".join(f"{topic} {n}" for n in range(LONG_PROMPT_WORDS // 2))
             prompt, max_tokens = f"Summarize: {words}", PREFILL_MAX_TOKENS
         else:
-            prompt, max_tokens = f"Write a short story about {topic}.", DECODE_MAX_TOKENS
+            prompt, max_tokens = f"Write a short story about {STORY_TOPICS[i]}.", DECODE_MAX_TOKENS
         made.append(Stream(PROTOCOLS[i % len(PROTOCOLS)], prompt, max_tokens))
     return made
 
