@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import grpc
 
 from coordinator.admission import Admission
+from coordinator.client_deadline import call_timeout_s, within_deadline
 from coordinator.disagg_policy import prefills_in_place
 from coordinator.errors import WorkerError
 from coordinator.migration import (
@@ -85,6 +86,7 @@ class ClusterScheduler:
         self.prefix_index = PrefixIndex()
         registry.on_lost(self.prefix_index.forget)
         registry.channel_options = keepalive_options(config.keepalive_s)
+        registry.set_handle_lease(config.handle_lease_s)
 
     def check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Refuse (400) a request no registered decode worker could ever hold, checked against
@@ -107,8 +109,11 @@ class ClusterScheduler:
         avoid: set[str] = set()
         fault: WorkerFault | None = None
         while True:
-            attempt = self._attempt(
-                prompt_ids + produced, resumed_params(params, len(produced)), trace, avoid
+            attempt = within_deadline(
+                self._attempt(
+                    prompt_ids + produced, resumed_params(params, len(produced)), trace, avoid
+                ),
+                trace.deadline_s,
             )
             try:
                 async for update in attempt:
@@ -157,6 +162,7 @@ class ClusterScheduler:
             span.set_attribute("decode_worker", decode.worker_id)
         trace.queue_s += queue_s
         trace.decode_worker = decode.worker_id
+        self.registry.hold_handle(decode, handle.handle_id)  # NOTE: heartbeats renew its lease
         num_blocks = self.registry.blocks_for(
             decode, initial_num_tokens(len(prompt_ids), params.max_tokens)
         )
@@ -181,6 +187,7 @@ class ClusterScheduler:
                     finished = update.finish_reason is not None
                     yield update
             finally:
+                self.registry.let_go_handle(decode, handle.handle_id)
                 if finished and release_reason != "finished":  # the worker freed them itself
                     self.registry.release_blocks(decode, num_blocks)
                 else:
@@ -208,7 +215,10 @@ class ClusterScheduler:
             raise WorkerError("no decode worker is registered")
         check_fits([w.info for w in candidates], prompt_ids, params.max_tokens)
         request = pb.AllocateRequest(
-            request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling_to_proto(params)
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            sampling=sampling_to_proto(params),
+            lease_s=self.registry.lease_s,
         )
         # NOTE: a decode worker reserves the prompt plus a lookahead and grows on demand
         num_tokens = initial_num_tokens(len(prompt_ids), params.max_tokens)
@@ -300,7 +310,8 @@ class ClusterScheduler:
         self.registry.start_prefill(prefill, len(prompt_ids))
         try:
             with self._lost.watching(prefill.worker_id) as prefill_lost:
-                call = prefill.prefill.Prefill(request, timeout=self.config.prefill_timeout_s)
+                timeout_s = call_timeout_s(self.config.prefill_timeout_s, trace.deadline_s)
+                call = prefill.prefill.Prefill(request, timeout=timeout_s)
                 reply = await first_of(call, [prefill_lost, decode_lost], None)
         except Interrupted as stop:
             cause = DECODE_FAILED if stop.flag is decode_lost else PREFILL_FAILED
@@ -343,7 +354,8 @@ class ClusterScheduler:
         """The decode stream's tokens; WorkerFault if it fails, ends unfinished, goes
         `stall_timeout_s` without a token, or its worker leaves the rotation."""
         request = pb.DecodeRequest(handle_id=handle.handle_id, first_token_id=first.token_id)
-        stream = decode.decode.Decode(request, timeout=self.config.decode_timeout_s)
+        timeout_s = call_timeout_s(self.config.decode_timeout_s, trace.deadline_s)
+        stream = decode.decode.Decode(request, timeout=timeout_s)
         stall_s = self.config.stall_timeout_s
         offset_s: float | None = None
         events = aiter(stream)

@@ -45,6 +45,10 @@ class WorkerError(DisaggError):
     """A worker failed or vanished while serving the request (503)."""
 
 
+class DeadlineExceededError(DisaggError):
+    """The client's deadline passed before the request finished; its work was stopped (504)."""
+
+
 class ClientGoneError(Exception):
     """The client disconnected while its request ran (499 in the access log)."""
 
@@ -75,6 +79,8 @@ def classify(error: Exception) -> HttpError:
         return HttpError(429, str(error), "rate_limit_exceeded", retry_after_s=error.retry_after_s)
     if isinstance(error, OverloadedError):
         return HttpError(503, str(error), "overloaded_error", retry_after_s=error.retry_after_s)
+    if isinstance(error, DeadlineExceededError):
+        return HttpError(504, str(error), "timeout")
     if isinstance(error, WorkerError):
         return HttpError(503, str(error), "service_unavailable", retry_after_s=1)
     log.error("internal error: %r", error, exc_info=error)

@@ -38,6 +38,8 @@ class GenerationRequest:
     params: SamplingParams
     tenant: str = DEFAULT_TENANT
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    deadline_s: float | None = None
+    """time.monotonic() by which the client wants its answer (coordinator/client_deadline.py)."""
 
 
 @dataclass

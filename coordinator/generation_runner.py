@@ -25,6 +25,10 @@ from coordinator.generation import Completion, GenerationRequest, Generator, Tex
 from coordinator.request_timing import RequestTrace
 
 
+def trace_for(request: GenerationRequest) -> RequestTrace:
+    return RequestTrace(request.request_id, deadline_s=request.deadline_s)
+
+
 class GenerationRunner:
     def __init__(self, generator: Generator) -> None:
         self.generator = generator
@@ -43,10 +47,7 @@ class GenerationRunner:
         leaving first (what `disconnected()` awaits finishes) cancels all and raises
         ClientGoneError."""
         self.check_all(requests)
-        tasks = [
-            asyncio.ensure_future(self.generator.complete(r, RequestTrace(r.request_id)))
-            for r in requests
-        ]
+        tasks = [asyncio.ensure_future(self.generator.complete(r, trace_for(r))) for r in requests]
         work = asyncio.ensure_future(asyncio.gather(*tasks))
         gone = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         try:
@@ -75,7 +76,7 @@ class ChunkStreams:
     _closing: ClassVar[set[asyncio.Task]] = set()  # strong references while cleanup runs
 
     def __init__(self, generator: Generator, requests: list[GenerationRequest]) -> None:
-        self.traces = [RequestTrace(r.request_id) for r in requests]
+        self.traces = [trace_for(r) for r in requests]
         self._queue: asyncio.Queue[tuple[int, TextChunk | Exception | None]] = asyncio.Queue()
         self._tasks = [
             asyncio.ensure_future(self._pump(i, generator.stream(r, trace)))

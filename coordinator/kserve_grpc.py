@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from coordinator.auth import ApiKeys, UnauthorizedError
+from coordinator.client_deadline import apply_deadline, grpc_deadline_s
 from coordinator.errors import NotFoundError, classify
 from coordinator.frontend import MODEL_VERSION, SERVER_NAME, SERVER_VERSION, Frontend
 from coordinator.generation import GenerationRequest, resolve_tenant
@@ -64,6 +65,7 @@ STATUS_CODES = {
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 
@@ -231,7 +233,7 @@ class KServeServicer:
     ) -> pb.ModelInferResponse:
         tenant = await self._authenticate(context)
         try:
-            return await self._infer(request, tenant)
+            return await self._infer(request, tenant, grpc_deadline_s(context))
         except Exception as exc:  # every failure becomes a status code
             code, message = grpc_status(exc)
         await context.abort(code, message)
@@ -241,7 +243,8 @@ class KServeServicer:
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         tenant = await self._authenticate(context)
         outbox: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        reader = asyncio.create_task(self._serve_stream(requests, outbox, tenant))
+        deadline_s = grpc_deadline_s(context)
+        reader = asyncio.create_task(self._serve_stream(requests, outbox, tenant, deadline_s))
         try:
             while (response := await outbox.get()) is not None:
                 yield response
@@ -252,9 +255,10 @@ class KServeServicer:
             await asyncio.gather(reader, return_exceptions=True)
 
     async def _infer(
-        self, request: pb.ModelInferRequest, tenant: str | None
+        self, request: pb.ModelInferRequest, tenant: str | None, deadline_s: float | None
     ) -> pb.ModelInferResponse:
         job = parse_job(request, self.frontend, tenant)
+        apply_deadline(job.requests, deadline_s)
         await check_constraints(job.requests, self.frontend.model, KSERVE_FIELDS)
         lease = self.frontend.quotas.admit(job.requests[0].tenant)
         try:  # NOTE: a client that leaves cancels this handler, which cancels every generation
@@ -270,12 +274,14 @@ class KServeServicer:
         requests: AsyncIterator[pb.ModelInferRequest],
         outbox: asyncio.Queue,
         tenant: str | None,
+        deadline_s: float | None,
     ) -> None:
-        """Start each request as it arrives; end the response stream once all have finished."""
+        """Start each request as it arrives; end the response stream once all have finished.
+        Every request on the stream shares the call's deadline."""
         tasks: set[asyncio.Task] = set()
         try:
             async for request in requests:
-                task = asyncio.create_task(self._stream_one(request, outbox, tenant))
+                task = asyncio.create_task(self._stream_one(request, outbox, tenant, deadline_s))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             await asyncio.gather(*tasks)
@@ -286,10 +292,15 @@ class KServeServicer:
             outbox.put_nowait(None)
 
     async def _stream_one(
-        self, request: pb.ModelInferRequest, outbox: asyncio.Queue, tenant: str | None
+        self,
+        request: pb.ModelInferRequest,
+        outbox: asyncio.Queue,
+        tenant: str | None,
+        deadline_s: float | None,
     ) -> None:
         try:
             job = parse_job(request, self.frontend, tenant)
+            apply_deadline(job.requests, deadline_s)
             await check_constraints(job.requests, self.frontend.model, KSERVE_FIELDS)
             if len(job.requests) != 1:
                 raise InvalidRequestError("ModelStreamInfer takes one prompt per request", "inputs")

@@ -130,7 +130,8 @@ class Metrics:
             "prompt_tokens": num_prompt, "completion_tokens": num_generated,
             "ttft_s": trace.ttft_s, "mean_tbt_s": trace.mean_tbt_s, "e2e_s": e2e_s,
             "prefill_worker": trace.prefill_worker, "decode_worker": trace.decode_worker,
-            "migrations": len(trace.migrations),
+            "migrations": len(trace.migrations), "migration_causes": trace.migrations,
+            "recovery_s": trace.recovery_s,
         }))  # fmt: skip
 
     def _record_prefix_cache(self, labels: dict, trace: RequestTrace, num_prompt: int) -> None:

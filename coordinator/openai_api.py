@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from coordinator.auth import scope_tenant
+from coordinator.client_deadline import apply_deadline, openai_deadline_s
 from coordinator.errors import ClientGoneError, classify
 from coordinator.frontend import Frontend
 from coordinator.generation_runner import ChunkStreams
@@ -91,6 +92,7 @@ class OpenAIApi:
             parsed: ParsedRequest = parse(
                 body, self.frontend.model, request.headers.get("x-tenant-id")
             )
+            apply_deadline(parsed.requests, openai_deadline_s(request.headers, parsed.stream))
             if (tenant := scope_tenant(request.scope)) is not None:
                 for generation in parsed.requests:  # with API keys, the key names the tenant
                     generation.tenant = tenant

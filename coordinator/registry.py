@@ -10,6 +10,13 @@ the load estimate current itself: blocks the coordinator allocated since the las
 report count as used, blocks given back since count as free again (and wake the
 admission line at once instead of a heartbeat later); each heartbeat replaces
 the estimate with the worker's own numbers.
+
+It also keeps which KV handles the coordinator holds on each decode worker, and
+every heartbeat reply lists them: that renews their leases. A handle the
+coordinator let go of (or never heard of, after a restart) is freed by its worker
+once the lease runs out. Every call on a worker's channel names the worker id it
+was opened for, so a restarted incarnation refuses calls meant for the dead one
+(disagg/rpc/worker_epoch.py).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import grpc
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc import control_pb2_grpc as pb_grpc
 from disagg.rpc.cluster_secret import client_interceptors
+from disagg.rpc.worker_epoch import addressed_to
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +41,9 @@ KEEPALIVE_S = 5.0
 
 CLOSE_GRACE_S = 10.0
 """How long the channel to a worker out of rotation stays open for the calls leaving it."""
+
+LEASE_HEARTBEATS = 3
+"""A handle's lease spans at least this many heartbeat intervals (each renews it)."""
 
 ROLES_FOR = {"prefill": ("prefill", "colocated"), "decode": ("decode", "colocated")}
 
@@ -69,6 +80,8 @@ class WorkerRecord:
     """KV messages the worker dropped for a missing or wrong MAC (forged or altered), ever."""
     is_draining: bool = False
     """The worker is finishing its sequences before it exits: place nothing new on it."""
+    held_handle_ids: set[str] = field(default_factory=set)
+    """KV handles a request of this coordinator holds there: each heartbeat renews them."""
     decode: pb_grpc.DecodeWorkerStub = field(init=False)
     prefill: pb_grpc.PrefillWorkerStub = field(init=False)
 
@@ -102,6 +115,14 @@ class WorkerRegistry:
         self.channel_options: list[tuple[str, int]] = keepalive_options(KEEPALIVE_S)
         """Options of every channel to a worker (keepalive: a silent peer is noticed)."""
         self._channel_interceptors = client_interceptors(cluster_secret)
+        self.lease_s = 0.0
+        """Time to live of the KV handles held, from allocation and each renewal; 0: none."""
+
+    def set_handle_lease(self, lease_s: float) -> None:
+        """Lease handles for `lease_s`, stretched to 3 heartbeat intervals so that one late
+        beat cannot free a live request's KV; 0 turns leases off."""
+        min_lease_s = LEASE_HEARTBEATS * self.heartbeat_interval_s
+        self.lease_s = max(lease_s, min_lease_s) if lease_s > 0 else 0.0
 
     def on_lost(self, listener: Callable[[str], None]) -> None:
         """Called with a worker's id when it leaves the rotation for missed heartbeats or
@@ -117,7 +138,9 @@ class WorkerRegistry:
         if old is not None:
             asyncio.ensure_future(old.channel.close())
         channel = grpc.aio.insecure_channel(
-            info.address, options=self.channel_options, interceptors=self._channel_interceptors
+            info.address,
+            options=self.channel_options,
+            interceptors=[*self._channel_interceptors, *addressed_to(info.worker_id)],
         )
         self._workers[info.worker_id] = WorkerRecord(
             info, channel, time.monotonic(), free_kv_blocks=info.total_kv_blocks
@@ -126,6 +149,7 @@ class WorkerRegistry:
         self._changed()
 
     def heartbeat(self, request: pb.HeartbeatRequest) -> bool:
+        """Take the worker's report; False if the worker is not in the rotation."""
         record = self._workers.get(request.worker_id)
         if record is None:
             return False
@@ -139,6 +163,21 @@ class WorkerRegistry:
         record.num_cached_blocks = request.cached_kv_blocks
         self._changed()
         return True
+
+    def heartbeat_reply(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
+        """The answer to a heartbeat: known or not, and the handles whose leases it renews."""
+        if not self.heartbeat(request):
+            return pb.HeartbeatResponse(known=False)
+        held = self._workers[request.worker_id].held_handle_ids
+        return pb.HeartbeatResponse(known=True, leased_handle_ids=held, lease_s=self.lease_s)
+
+    def hold_handle(self, worker: WorkerRecord, handle_id: str) -> None:
+        """A request holds this handle: keep renewing its lease."""
+        worker.held_handle_ids.add(handle_id)
+
+    def let_go_handle(self, worker: WorkerRecord, handle_id: str) -> None:
+        """The request is done with the handle (freed or freeing): stop renewing it."""
+        worker.held_handle_ids.discard(handle_id)
 
     def blocks_for(self, worker: WorkerRecord, num_tokens: int) -> int:
         return -(-num_tokens // max(1, worker.info.block_size))
@@ -239,4 +278,4 @@ class RegistryService(pb_grpc.RegistryServicer):
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> pb.HeartbeatResponse:
-        return pb.HeartbeatResponse(known=self.registry.heartbeat(request))
+        return self.registry.heartbeat_reply(request)

@@ -36,6 +36,8 @@ class RequestTrace:
     """The cause of each move to another worker after a fault (see coordinator/migration.py)."""
     recovery_s: list[float] = field(default_factory=list)
     """Seconds from each fault's detection to the next token the client got."""
+    deadline_s: float | None = None
+    """time.monotonic() after which the client no longer wants the answer; None: no limit."""
 
     @property
     def ttft_s(self) -> float | None:

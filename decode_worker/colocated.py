@@ -9,6 +9,7 @@ from __future__ import annotations
 import grpc
 
 from decode_worker.kv_handles import FreeReason, HandleState, HandleTable
+from decode_worker.service import refuse_stale
 from disagg.engine.sequence import Sequence
 from disagg.engine.worker_loop import EngineLoop
 from disagg.errors import InvalidRequestError
@@ -40,6 +41,7 @@ class ColocatedPrefillService(pb_grpc.PrefillWorkerServicer):
     async def Prefill(
         self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> pb.PrefillResponse:
+        await refuse_stale(self.table, request.handle.handle_id, context)
         handle = self.table.get(request.handle.handle_id)
         if handle is None or handle.state != HandleState.ALLOCATED:
             await context.abort(

@@ -15,6 +15,19 @@ run of full blocks (`num_cached_tokens`); only the rest is sent, and a frame
 that would write into the shared blocks is dropped. Once READY, the prompt's
 full blocks are registered, so they outlive the handle as cached free blocks.
 
+Epochs: a handle id names the worker incarnation that minted it
+(`decode-0-e2/<uuid>`). A worker restarted by the supervisor runs under a new
+id, so frames, Decodes and Frees meant for its previous life name another
+owner: they are refused (`stale_owner`) and counted, never applied to blocks
+that now belong to someone else.
+
+Leases: a handle allocated with a lease lives only as long as the coordinator
+keeps renewing it (it lists the handles it still holds in every heartbeat
+reply). A handle whose coordinator died or forgot the request is freed once
+the lease runs out, whatever its state; a live request's handle, renewed every
+beat, never lapses. As with an etcd lease, the holder asks for the time to
+live when it grants and renews, proves it is alive, and silence releases.
+
 Three threads touch a table (gRPC handlers, the KV receiver, the engine loop),
 so every state change holds one lock; hooks run outside it.
 """
@@ -41,6 +54,18 @@ log = logging.getLogger(__name__)
 
 
 MAX_END_REASONS = 4096
+OWNER_SEPARATOR = "/"
+"""Between the minting worker's id and the random part of a handle id."""
+
+
+def handle_id_for(worker_id: str) -> str:
+    """A fresh handle id naming the worker incarnation that owns it."""
+    return f"{worker_id}{OWNER_SEPARATOR}{uuid.uuid4().hex}" if worker_id else uuid.uuid4().hex
+
+
+def owner_of(handle_id: str) -> str:
+    """The worker id a handle id names ('' for an id without one)."""
+    return handle_id.rpartition(OWNER_SEPARATOR)[0]
 
 
 class HandleState(IntEnum):
@@ -60,6 +85,7 @@ class FreeReason:
     INCOMPLETE = "incomplete"
     PREFILL_FAILED = "prefill_failed"
     ERROR = "error"
+    LEASE_EXPIRED = "lease_expired"
 
 
 @dataclass
@@ -71,6 +97,8 @@ class KVHandle:
     max_new_tokens: int
     deadline_s: float
     """time.monotonic() by which the handle must be READY (then: claimed), or it expires."""
+    lease_expires_s: float = float("inf")
+    """time.monotonic() after which the handle is freed unless its coordinator renewed it."""
     state: HandleState = HandleState.ALLOCATED
     tokens_per_layer: list[int] = field(default_factory=list)
     checksum: int = 0
@@ -115,14 +143,19 @@ class HandleTable:
         claim_timeout_s: float = 30.0,
         hooks: list[HandleHooks] | None = None,
         prefix_cache: PrefixCache | None = None,
+        worker_id: str = "",
     ) -> None:
+        """`worker_id`: this incarnation's id, which every handle id it mints names."""
         self.block_manager = block_manager
         self.prefix_cache = prefix_cache
         self.kv_cache = kv_cache
         self.ready_timeout_s = ready_timeout_s
         self.claim_timeout_s = claim_timeout_s
         self.hooks = hooks or []
+        self.worker_id = worker_id
         self.num_dropped_frames = 0
+        self.num_stale_frames = 0
+        """Frames for a handle of another incarnation of this worker (also in num_dropped)."""
         self._handles: dict[str, KVHandle] = {}
         self._end_reasons: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
@@ -139,14 +172,24 @@ class HandleTable:
     def get(self, handle_id: str) -> KVHandle | None:
         return self._handles.get(handle_id)
 
+    def stale_owner(self, handle_id: str) -> str | None:
+        """The other incarnation a handle id belongs to, or None when it is this one's."""
+        owner = owner_of(handle_id)
+        return None if owner == self.worker_id else owner
+
     def end_reason(self, handle_id: str) -> str | None:
         """Why a recently ended handle ended, so a late caller hears more than 'unknown'."""
         return self._end_reasons.get(handle_id)
 
     def allocate(
-        self, request_id: str, prompt_token_ids: list[int], max_new_tokens: int
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        max_new_tokens: int,
+        lease_s: float | None = None,
     ) -> KVHandle:
-        """Reserve blocks for the prompt and a short lookahead (raises OutOfBlocksError).
+        """Reserve blocks for the prompt and a short lookahead (raises OutOfBlocksError);
+        with `lease_s`, the handle is freed that long after allocation or its last renewal.
 
         The rest of the sequence's blocks are taken one at a time as it decodes; when
         the pool runs out, the engine preempts the youngest sequence and recomputes its
@@ -162,7 +205,7 @@ class HandleTable:
                 prompt_token_ids, num_tokens, keep_watermark=True
             )
         handle = KVHandle(
-            handle_id=uuid.uuid4().hex,
+            handle_id=handle_id_for(self.worker_id),
             request_id=request_id,
             block_ids=block_ids,
             prompt_token_ids=list(prompt_token_ids),
@@ -170,6 +213,7 @@ class HandleTable:
             deadline_s=time.monotonic() + self.ready_timeout_s,
             tokens_per_layer=[0] * self.kv_cache.layout.num_layers,
             num_cached_tokens=num_cached,
+            lease_expires_s=time.monotonic() + lease_s if lease_s else float("inf"),
         )
         with self._lock:
             self._handles[handle.handle_id] = handle
@@ -182,6 +226,8 @@ class HandleTable:
         self, header: LayerHeader, k: torch.Tensor, v: torch.Tensor, checksum: int
     ) -> None:
         """Write one layer's K/V for a token range into the handle's blocks. k, v: [n, Hkv, D]."""
+        if self._is_stale_frame(header.handle_id):
+            return
         with self._lock:
             handle = self._handles.get(header.handle_id)
             problem = self._layer_problem(handle, header)
@@ -199,6 +245,8 @@ class HandleTable:
 
     def on_done(self, header: DoneHeader) -> None:
         """The sender says every layer is out: READY if all arrived intact, else FAILED."""
+        if self._is_stale_frame(header.handle_id):
+            return
         with self._lock:
             handle = self._handles.get(header.handle_id)
             if handle is None or handle.state not in (HandleState.ALLOCATED, HandleState.RECEIVING):
@@ -218,6 +266,17 @@ class HandleTable:
             self._call("on_ready", handle)
         else:
             self.fail(handle.handle_id, reason)
+
+    def _is_stale_frame(self, handle_id: str) -> bool:
+        owner = self.stale_owner(handle_id)
+        if owner is None:
+            return False
+        with self._lock:
+            self.num_stale_frames += 1
+            self.num_dropped_frames += 1
+        log.info("dropped KV frame for %s: it belongs to %s, this is %s",
+                 handle_id, owner, self.worker_id)  # fmt: skip
+        return True
 
     def _layer_problem(self, handle: KVHandle | None, header: LayerHeader) -> str | None:
         if handle is None:
@@ -302,6 +361,39 @@ class HandleTable:
         for handle_id in expired:
             self.fail(handle_id, FreeReason.EXPIRED)
         return expired
+
+    # -- leases ------------------------------------------------------------
+
+    def renew(self, handle_ids: list[str], lease_s: float, now_s: float | None = None) -> int:
+        """Extend the leases of the handles named (the coordinator still holds them) to
+        `lease_s` from now; ids unknown here, of another incarnation, or of handles without
+        a lease are ignored. Returns how many were renewed.
+
+        NOTE: a renewal also restarts the wait for the KV (or for the Decode): the holder
+        still wants the handle, so a prefill queued behind others under load is not cut
+        off by the fixed ready timeout; the lease is what frees an abandoned handle.
+        """
+        now_s = time.monotonic() if now_s is None else now_s
+        num_renewed = 0
+        with self._lock:
+            for handle_id in handle_ids:
+                handle = self._handles.get(handle_id)
+                if handle is not None and handle.lease_expires_s != float("inf"):
+                    handle.lease_expires_s = max(handle.lease_expires_s, now_s + lease_s)
+                    handle.deadline_s = max(handle.deadline_s, now_s + self._wait_s(handle))
+                    num_renewed += 1
+        return num_renewed
+
+    def _wait_s(self, handle: KVHandle) -> float:
+        """How long a handle in its state may wait for its next step."""
+        is_ready = handle.state == HandleState.READY
+        return self.claim_timeout_s if is_ready else self.ready_timeout_s
+
+    def lapsed(self, now_s: float | None = None) -> list[str]:
+        """Handles, in any state, whose lease ran out: their holder is gone."""
+        now_s = time.monotonic() if now_s is None else now_s
+        with self._lock:
+            return [h.handle_id for h in self._handles.values() if h.lease_expires_s <= now_s]
 
     def _call(self, hook: str, *args: object) -> None:
         for hooks in self.hooks:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import tempfile
+import shutil
+from pathlib import Path
 
 from decode_worker.colocated import ColocatedPrefillService
 from decode_worker.kv_handles import HandleHooks, HandleTable
 from decode_worker.kv_receive_spans import KVReceiveSpans
+from decode_worker.kv_socket_dir import make_socket_dir, remove_stale_socket_dirs
 from decode_worker.service import DecodeService, SettleWaiters
 from disagg import tracing
 from disagg.config import DecodeWorkerConfig, EngineConfig, WorkerConfig
@@ -27,9 +29,16 @@ from disagg.rpc.worker_process import (
 
 
 def receiver_bind(config: WorkerConfig, transport: str) -> str:
+    """Where the KV receiver binds; for ipc, a fresh socket directory (stale ones of dead
+    workers are removed first: a SIGKILLed worker cannot remove its own)."""
     if transport == "ipc":
-        return f"ipc://{tempfile.mkdtemp(prefix='disagg-kv-')}/kv.sock"
+        remove_stale_socket_dirs()
+        return f"ipc://{make_socket_dir()}/kv.sock"
     return f"tcp://{config.host}:0"
+
+
+LEASE_SWEEP_S = 0.5
+"""How often handles whose lease lapsed are looked for (leases last several seconds)."""
 
 
 async def run(
@@ -43,6 +52,7 @@ async def run(
     hooks: list[HandleHooks] = [waiters]
     if tracing.setup(f"disagg-{role}-worker") and not decode.colocated:
         hooks.append(KVReceiveSpans())
+    worker_id = resolved_id(config, role)
     table = HandleTable(
         engine.block_manager,
         engine.kv_cache,
@@ -50,8 +60,8 @@ async def run(
         decode.claim_timeout_s,
         hooks=hooks,
         prefix_cache=engine.scheduler.prefix_cache,
+        worker_id=worker_id,
     )
-    worker_id = resolved_id(config, role)
     receiver = None
     if not decode.colocated:
         bind = receiver_bind(config, decode.kv_transport)
@@ -62,6 +72,7 @@ async def run(
     loop.start()
     endpoint = receiver.endpoint if receiver else ""
     service = DecodeService(engine, table, loop, waiters, worker_id, endpoint)
+    leases = asyncio.create_task(service.expire_leases(LEASE_SWEEP_S))
 
     def add_services(server) -> None:
         pb_grpc.add_DecodeWorkerServicer_to_server(service, server)
@@ -80,13 +91,20 @@ async def run(
             cached_kv_blocks=engine.block_manager.num_cached_blocks,
         )
 
+    def renew_leases(reply: pb.HeartbeatResponse) -> None:
+        if reply.lease_s > 0:
+            table.renew(list(reply.leased_handle_ids), reply.lease_s)
+
     def on_stop() -> None:
+        leases.cancel()
         loop.stop()
         if receiver is not None:
             receiver.stop()
+            if bind.startswith("ipc://"):
+                shutil.rmtree(Path(bind.removeprefix("ipc://")).parent, ignore_errors=True)
 
     info = worker_info(engine, role, worker_id)
-    await serve_worker(config, info, add_services, status, on_stop)
+    await serve_worker(config, info, add_services, status, on_stop, renew_leases)
 
 
 def main(engine_config: EngineConfig, config: WorkerConfig, decode: DecodeWorkerConfig) -> int:

@@ -1,4 +1,9 @@
-"""The decode worker's gRPC face: Allocate a KV handle, Decode from it, Free it."""
+"""The decode worker's gRPC face: Allocate a KV handle, Decode from it, Free it.
+
+A handle of another incarnation of this worker (a stale epoch, see kv_handles.py)
+is refused with FAILED_PRECONDITION; a handle whose lease lapsed is ended as if
+freed (`expire_leases`).
+"""
 
 from __future__ import annotations
 
@@ -109,6 +114,18 @@ class SettleWaiters(HandleHooks):
             event.set()
 
 
+async def refuse_stale(
+    table: HandleTable, handle_id: str, context: grpc.aio.ServicerContext
+) -> None:
+    """Abort with FAILED_PRECONDITION when the handle belongs to another incarnation."""
+    owner = table.stale_owner(handle_id)
+    if owner is not None:
+        await context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"KV handle of {owner or 'no worker'} reached {table.worker_id} (a stale epoch)",
+        )
+
+
 class DecodeService(pb_grpc.DecodeWorkerServicer):
     def __init__(
         self,
@@ -138,7 +155,9 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
             await self.engine.grammars.compile_ahead(params.constraint)
             if self.engine.scheduler.has_preempted:  # they resume first, or could starve
                 raise OutOfBlocksError("preempted sequences are waiting for KV blocks")
-            handle = self.table.allocate(request.request_id, prompt, params.max_tokens)
+            handle = self.table.allocate(
+                request.request_id, prompt, params.max_tokens, request.lease_s or None
+            )
         except InvalidRequestError as error:  # NeverFitsError included: waiting cannot help
             await abort_invalid(context, error)
         except OutOfBlocksError as error:
@@ -164,6 +183,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         )
 
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext):
+        await refuse_stale(self.table, request.handle_id, context)
         handle = self.table.get(request.handle_id)
         if handle is None:
             reason = self.table.end_reason(request.handle_id) or "unknown"
@@ -217,15 +237,26 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
     async def Free(
         self, request: pb.FreeRequest, context: grpc.aio.ServicerContext
     ) -> pb.FreeResponse:
-        seq = self._decoding.get(request.handle_id)
+        await refuse_stale(self.table, request.handle_id, context)
+        freed = self.end(request.handle_id, request.reason or FreeReason.CANCELLED)
+        return pb.FreeResponse(freed=freed)
+
+    def end(self, handle_id: str, reason: str) -> bool:
+        """End a handle in any state: abort its sequence if one decodes, free its blocks.
+        False when it was already gone."""
+        seq = self._decoding.get(handle_id)
         if seq is not None:
             self.loop.submit(Abort(seq))
-        reason = request.reason or FreeReason.CANCELLED
-        freed = (
-            self.table.fail(request.handle_id, reason) if reason != FreeReason.FINISHED else False
-        )
-        freed = freed or self.table.release(request.handle_id, reason)
-        return pb.FreeResponse(freed=freed)
+        freed = self.table.fail(handle_id, reason) if reason != FreeReason.FINISHED else False
+        return freed or self.table.release(handle_id, reason)
+
+    async def expire_leases(self, interval_s: float) -> None:
+        """Every `interval_s`, end the handles whose coordinator stopped renewing them."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for handle_id in self.table.lapsed():
+                log.warning("KV handle %s: lease expired, freeing it", handle_id)
+                self.end(handle_id, FreeReason.LEASE_EXPIRED)
 
     def load(self) -> int:
         """Sequences decoding plus handles still waiting for their KV."""

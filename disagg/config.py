@@ -153,6 +153,8 @@ class DispatchConfig:
     """Prefill on a prefill worker always, never (on the decode worker), or auto (by suffix)."""
     max_local_prefill_tokens: int = 32
     """auto: prefill on the decode worker when at most this many prompt tokens are uncached."""
+    handle_lease_s: float = 10.0
+    """Seconds a KV handle outlives its last renewal (each heartbeat reply); 0: no lease."""
 
     def __post_init__(self) -> None:
         for name in ("allocate_timeout_s", "prefill_timeout_s", "decode_timeout_s"):
@@ -165,6 +167,7 @@ class DispatchConfig:
             self.disagg_policy in ("always", "never", "auto"), "disagg_policy", "always|never|auto"
         )
         require(self.max_local_prefill_tokens >= 0, "max_local_prefill_tokens", "must be >= 0")
+        require(self.handle_lease_s >= 0, "handle_lease_s", "must be >= 0")
 
 
 @dataclass(frozen=True)

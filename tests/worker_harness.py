@@ -58,9 +58,14 @@ class DecodeSide:
     service: DecodeService
     receiver: KVReceiver | None
 
-    async def allocate(self, prompt: list[int], params: SamplingParams) -> pb.KVHandle:
+    async def allocate(
+        self, prompt: list[int], params: SamplingParams, lease_s: float = 0.0
+    ) -> pb.KVHandle:
         request = pb.AllocateRequest(
-            request_id="r", prompt_token_ids=prompt, sampling=sampling_to_proto(params)
+            request_id="r",
+            prompt_token_ids=prompt,
+            sampling=sampling_to_proto(params),
+            lease_s=lease_s,
         )
         return await self.service.Allocate(request, FakeContext())
 
@@ -100,17 +105,28 @@ class PrefillSide:
 
 @contextlib.asynccontextmanager
 async def decode_side(
-    tmp_path: Path, num_kv_blocks: int = 256, colocated: bool = False, prefix_caching: bool = True
+    tmp_path: Path,
+    num_kv_blocks: int = 256,
+    colocated: bool = False,
+    prefix_caching: bool = True,
+    worker_id: str = "decode-test",
 ) -> AsyncIterator[DecodeSide]:
     engine = tiny_engine(num_kv_blocks, prefix_caching)
     waiters = SettleWaiters()
-    prefix_cache = engine.scheduler.prefix_cache
-    table = HandleTable(engine.block_manager, engine.kv_cache, 10.0, 10.0, [waiters], prefix_cache)
+    table = HandleTable(
+        engine.block_manager,
+        engine.kv_cache,
+        10.0,
+        10.0,
+        hooks=[waiters],
+        prefix_cache=engine.scheduler.prefix_cache,
+        worker_id=worker_id,
+    )
     receiver = None if colocated else KVReceiver(f"ipc://{tmp_path}/kv.sock", table).start()
     loop = EngineLoop(engine, tick=table.expire, tick_s=0.05)
     loop.start()
     endpoint = receiver.endpoint if receiver else ""
-    service = DecodeService(engine, table, loop, waiters, "decode-test", endpoint)
+    service = DecodeService(engine, table, loop, waiters, worker_id, endpoint)
     try:
         yield DecodeSide(engine, table, loop, service, receiver)
     finally:

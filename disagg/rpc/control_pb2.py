@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64isagg/rpc/control.proto\x12\x0e\x64isagg.control\"i\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\"\xd4\x01\n\x08KVHandle\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x14\n\x0czmq_endpoint\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12(\n\x06layout\x18\x05 \x01(\x0b\x32\x18.disagg.control.KVLayout\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x65xpires_at_unix_s\x18\x07 \x01(\x01\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\r\"\xe9\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x12\n\nmin_tokens\x18\x08 \x01(\r\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x12\x12\n\nconstraint\x18\n \x01(\t\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x01H\x02\x88\x01\x01\x12\x41\n\nlogit_bias\x18\x0e \x03(\x0b\x32-.disagg.control.SamplingParams.LogitBiasEntry\x12\x1a\n\x12num_resumed_tokens\x18\x0f \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penalty\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"H\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\'\n\x03top\x18\x02 \x03(\x0b\x32\x1a.disagg.control.TopLogprob\"w\n\x0f\x41llocateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.disagg.control.SamplingParamsJ\x04\x08\x03\x10\x04\"F\n\rDecodeRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\rJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05\"\x8b\x01\n\nTokenEvent\x12\x15\n\x08token_id\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0btime_unix_s\x18\x02 \x01(\x01\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12-\n\x07logprob\x18\x04 \x01(\x0b\x32\x1c.disagg.control.TokenLogprobB\x0b\n\t_token_id\"0\n\x0b\x46reeRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1d\n\x0c\x46reeResponse\x12\r\n\x05\x66reed\x18\x01 \x01(\x08\"\x9a\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x30\n\x08sampling\x18\x03 \x01(\x0b\x32\x1e.disagg.control.SamplingParams\x12(\n\x06handle\x18\x04 \x01(\x0b\x32\x18.disagg.control.KVHandle\"\xef\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x33\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x1c.disagg.control.TokenLogprob\x12\x0f\n\x07queue_s\x18\x03 \x01(\x01\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\x12\x12\n\ntransfer_s\x18\x05 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x06 \x01(\x04\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\x12\x13\n\x0bkv_checksum\x18\x08 \x01(\x04\x12\x19\n\x11num_cached_tokens\x18\t \x01(\r\"\xb8\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x17\n\x0ftotal_kv_blocks\x18\x06 \x01(\r\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x15\n\rmax_model_len\x18\t \x01(\r\x12\x0b\n\x03pid\x18\n \x01(\rJ\x04\x08\x05\x10\x06\"0\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"\xb6\x01\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04load\x18\x02 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x03 \x01(\r\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x12\x17\n\x0fnum_preemptions\x18\x06 \x01(\x04\x12\x1e\n\x16num_kv_frames_rejected\x18\x07 \x01(\x04\x12\x18\n\x10\x63\x61\x63hed_kv_blocks\x18\x08 \x01(\rJ\x04\x08\x04\x10\x05\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x32\xdf\x01\n\x0c\x44\x65\x63odeWorker\x12\x45\n\x08\x41llocate\x12\x1f.disagg.control.AllocateRequest\x1a\x18.disagg.control.KVHandle\x12\x45\n\x06\x44\x65\x63ode\x12\x1d.disagg.control.DecodeRequest\x1a\x1a.disagg.control.TokenEvent0\x01\x12\x41\n\x04\x46ree\x12\x1b.disagg.control.FreeRequest\x1a\x1c.disagg.control.FreeResponse2[\n\rPrefillWorker\x12J\n\x07Prefill\x12\x1e.disagg.control.PrefillRequest\x1a\x1f.disagg.control.PrefillResponse2\xa6\x01\n\x08Registry\x12H\n\x08Register\x12\x1a.disagg.control.WorkerInfo\x1a .disagg.control.RegisterResponse\x12P\n\tHeartbeat\x12 .disagg.control.HeartbeatRequest\x1a!.disagg.control.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64isagg/rpc/control.proto\x12\x0e\x64isagg.control\"i\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\"\xd4\x01\n\x08KVHandle\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x14\n\x0czmq_endpoint\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12(\n\x06layout\x18\x05 \x01(\x0b\x32\x18.disagg.control.KVLayout\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x65xpires_at_unix_s\x18\x07 \x01(\x01\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\r\"\xe9\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x12\n\nmin_tokens\x18\x08 \x01(\r\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x12\x12\n\nconstraint\x18\n \x01(\t\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x01H\x02\x88\x01\x01\x12\x41\n\nlogit_bias\x18\x0e \x03(\x0b\x32-.disagg.control.SamplingParams.LogitBiasEntry\x12\x1a\n\x12num_resumed_tokens\x18\x0f \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penalty\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"H\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\'\n\x03top\x18\x02 \x03(\x0b\x32\x1a.disagg.control.TopLogprob\"\x88\x01\n\x0f\x41llocateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.disagg.control.SamplingParams\x12\x0f\n\x07lease_s\x18\x05 \x01(\x01J\x04\x08\x03\x10\x04\"F\n\rDecodeRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\rJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05\"\x8b\x01\n\nTokenEvent\x12\x15\n\x08token_id\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0btime_unix_s\x18\x02 \x01(\x01\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12-\n\x07logprob\x18\x04 \x01(\x0b\x32\x1c.disagg.control.TokenLogprobB\x0b\n\t_token_id\"0\n\x0b\x46reeRequest\x12\x11\n\thandle_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1d\n\x0c\x46reeResponse\x12\r\n\x05\x66reed\x18\x01 \x01(\x08\"\x9a\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x30\n\x08sampling\x18\x03 \x01(\x0b\x32\x1e.disagg.control.SamplingParams\x12(\n\x06handle\x18\x04 \x01(\x0b\x32\x18.disagg.control.KVHandle\"\xef\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x33\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x1c.disagg.control.TokenLogprob\x12\x0f\n\x07queue_s\x18\x03 \x01(\x01\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\x12\x12\n\ntransfer_s\x18\x05 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x06 \x01(\x04\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\x12\x13\n\x0bkv_checksum\x18\x08 \x01(\x04\x12\x19\n\x11num_cached_tokens\x18\t \x01(\r\"\xb8\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x17\n\x0ftotal_kv_blocks\x18\x06 \x01(\r\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x15\n\rmax_model_len\x18\t \x01(\r\x12\x0b\n\x03pid\x18\n \x01(\rJ\x04\x08\x05\x10\x06\"0\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"\xb6\x01\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04load\x18\x02 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x03 \x01(\r\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x12\x17\n\x0fnum_preemptions\x18\x06 \x01(\x04\x12\x1e\n\x16num_kv_frames_rejected\x18\x07 \x01(\x04\x12\x18\n\x10\x63\x61\x63hed_kv_blocks\x18\x08 \x01(\rJ\x04\x08\x04\x10\x05\"N\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x19\n\x11leased_handle_ids\x18\x02 \x03(\t\x12\x0f\n\x07lease_s\x18\x03 \x01(\x01\x32\xdf\x01\n\x0c\x44\x65\x63odeWorker\x12\x45\n\x08\x41llocate\x12\x1f.disagg.control.AllocateRequest\x1a\x18.disagg.control.KVHandle\x12\x45\n\x06\x44\x65\x63ode\x12\x1d.disagg.control.DecodeRequest\x1a\x1a.disagg.control.TokenEvent0\x01\x12\x41\n\x04\x46ree\x12\x1b.disagg.control.FreeRequest\x1a\x1c.disagg.control.FreeResponse2[\n\rPrefillWorker\x12J\n\x07Prefill\x12\x1e.disagg.control.PrefillRequest\x1a\x1f.disagg.control.PrefillResponse2\xa6\x01\n\x08Registry\x12H\n\x08Register\x12\x1a.disagg.control.WorkerInfo\x1a .disagg.control.RegisterResponse\x12P\n\tHeartbeat\x12 .disagg.control.HeartbeatRequest\x1a!.disagg.control.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,32 +45,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOPLOGPROB']._serialized_end=905
   _globals['_TOKENLOGPROB']._serialized_start=907
   _globals['_TOKENLOGPROB']._serialized_end=979
-  _globals['_ALLOCATEREQUEST']._serialized_start=981
-  _globals['_ALLOCATEREQUEST']._serialized_end=1100
-  _globals['_DECODEREQUEST']._serialized_start=1102
-  _globals['_DECODEREQUEST']._serialized_end=1172
-  _globals['_TOKENEVENT']._serialized_start=1175
-  _globals['_TOKENEVENT']._serialized_end=1314
-  _globals['_FREEREQUEST']._serialized_start=1316
-  _globals['_FREEREQUEST']._serialized_end=1364
-  _globals['_FREERESPONSE']._serialized_start=1366
-  _globals['_FREERESPONSE']._serialized_end=1395
-  _globals['_PREFILLREQUEST']._serialized_start=1398
-  _globals['_PREFILLREQUEST']._serialized_end=1552
-  _globals['_PREFILLRESPONSE']._serialized_start=1555
-  _globals['_PREFILLRESPONSE']._serialized_end=1794
-  _globals['_WORKERINFO']._serialized_start=1797
-  _globals['_WORKERINFO']._serialized_end=1981
-  _globals['_REGISTERRESPONSE']._serialized_start=1983
-  _globals['_REGISTERRESPONSE']._serialized_end=2031
-  _globals['_HEARTBEATREQUEST']._serialized_start=2034
-  _globals['_HEARTBEATREQUEST']._serialized_end=2216
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2218
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2252
-  _globals['_DECODEWORKER']._serialized_start=2255
-  _globals['_DECODEWORKER']._serialized_end=2478
-  _globals['_PREFILLWORKER']._serialized_start=2480
-  _globals['_PREFILLWORKER']._serialized_end=2571
-  _globals['_REGISTRY']._serialized_start=2574
-  _globals['_REGISTRY']._serialized_end=2740
+  _globals['_ALLOCATEREQUEST']._serialized_start=982
+  _globals['_ALLOCATEREQUEST']._serialized_end=1118
+  _globals['_DECODEREQUEST']._serialized_start=1120
+  _globals['_DECODEREQUEST']._serialized_end=1190
+  _globals['_TOKENEVENT']._serialized_start=1193
+  _globals['_TOKENEVENT']._serialized_end=1332
+  _globals['_FREEREQUEST']._serialized_start=1334
+  _globals['_FREEREQUEST']._serialized_end=1382
+  _globals['_FREERESPONSE']._serialized_start=1384
+  _globals['_FREERESPONSE']._serialized_end=1413
+  _globals['_PREFILLREQUEST']._serialized_start=1416
+  _globals['_PREFILLREQUEST']._serialized_end=1570
+  _globals['_PREFILLRESPONSE']._serialized_start=1573
+  _globals['_PREFILLRESPONSE']._serialized_end=1812
+  _globals['_WORKERINFO']._serialized_start=1815
+  _globals['_WORKERINFO']._serialized_end=1999
+  _globals['_REGISTERRESPONSE']._serialized_start=2001
+  _globals['_REGISTERRESPONSE']._serialized_end=2049
+  _globals['_HEARTBEATREQUEST']._serialized_start=2052
+  _globals['_HEARTBEATREQUEST']._serialized_end=2234
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2236
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2314
+  _globals['_DECODEWORKER']._serialized_start=2317
+  _globals['_DECODEWORKER']._serialized_end=2540
+  _globals['_PREFILLWORKER']._serialized_start=2542
+  _globals['_PREFILLWORKER']._serialized_end=2633
+  _globals['_REGISTRY']._serialized_start=2636
+  _globals['_REGISTRY']._serialized_end=2802
 # @@protoc_insertion_point(module_scope)

@@ -28,8 +28,11 @@ class WorkerRegistration:
         info: pb.WorkerInfo,
         status: Callable[[], pb.HeartbeatRequest],
         cluster_secret: str = "",
+        on_reply: Callable[[pb.HeartbeatResponse], None] | None = None,
     ) -> None:
+        """`on_reply` sees every heartbeat reply (a decode worker renews leases from it)."""
         self.coordinator = coordinator
+        self.on_reply = on_reply
         self._metadata = secret_metadata(cluster_secret)
         self.info = info
         self.status = status
@@ -80,6 +83,8 @@ class WorkerRegistration:
                 self.is_registered = False
                 continue
             self.is_registered = reply.known
+            if self.on_reply is not None:
+                self.on_reply(reply)
             if not reply.known:
                 interval_s = await self._register()
 

@@ -22,6 +22,7 @@ from disagg.rpc.cluster_secret import server_interceptors
 from disagg.rpc.drain import DRAIN_SETTLE_S, DRAIN_TIMEOUT_S, drain
 from disagg.rpc.health import ROLE_SERVICES, ServerHealth
 from disagg.rpc.registration import WorkerRegistration
+from disagg.rpc.worker_epoch import EpochInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +71,19 @@ async def serve_worker(
     add_services: Callable[[grpc.aio.Server], None],
     status: Callable[[], pb.HeartbeatRequest],
     on_stop: Callable[[], None],
+    on_heartbeat_reply: Callable[[pb.HeartbeatResponse], None] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain; `info.address` is filled in with the bound port.
 
-    A second SIGTERM/SIGINT stops at once, whatever is still in flight.
+    A second SIGTERM/SIGINT stops at once, whatever is still in flight. Calls addressed to
+    another incarnation of this worker are refused (disagg/rpc/worker_epoch.py).
     """
     tracing.setup(f"disagg-{info.role}-worker")
-    # NOTE: Allocate, Prefill, Decode and Free answer only the cluster's own coordinator
-    server = grpc_server(server_interceptors(config.cluster_secret))
+    # NOTE: Allocate, Prefill, Decode and Free answer only the cluster's own coordinator,
+    # and only calls meant for this incarnation of the worker.
+    server = grpc_server(
+        [*(server_interceptors(config.cluster_secret) or []), EpochInterceptor(info.worker_id)]
+    )
     add_services(server)
     health = ServerHealth(server, ROLE_SERVICES[info.role])
     await health.start()
@@ -85,7 +91,9 @@ async def serve_worker(
     await server.start()
     info.address = f"{config.advertise_host}:{port}"
     info.pid = os.getpid()
-    registration = WorkerRegistration(config.coordinator, info, status, config.cluster_secret)
+    registration = WorkerRegistration(
+        config.coordinator, info, status, config.cluster_secret, on_heartbeat_reply
+    )
     health.follow(lambda: registration.is_registered)
     await registration.start()
     print(f"disagg {info.role} worker {info.worker_id} serving gRPC on {info.address}", flush=True)

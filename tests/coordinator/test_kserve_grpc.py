@@ -96,6 +96,9 @@ class FakeContext:
     async def abort(self, code: grpc.StatusCode, message: str) -> None:
         raise Aborted(code, message)
 
+    def time_remaining(self) -> float | None:
+        return None  # a call without a deadline
+
 
 def test_raw_and_typed_contents_give_the_same_tensors():
     texts = ["", "hello", "東京", "a\x00b"]
@@ -207,7 +210,7 @@ def test_servicer_stream_flags_the_last_chunk_and_reports_errors_in_band():
         yield infer_request(["wxyz"], id="b")
 
     async def collect():
-        return [r async for r in servicer.ModelStreamInfer(requests(), None)]
+        return [r async for r in servicer.ModelStreamInfer(requests(), FakeContext())]
 
     responses = asyncio.run(collect())
     errors = [r for r in responses if r.error_message]
@@ -233,7 +236,7 @@ def test_servicer_stream_cancelled_by_the_client_closes_its_generations():
         await asyncio.Event().wait()  # the client keeps its side open
 
     async def first_then_hang_up():
-        responses = servicer.ModelStreamInfer(requests(), None)
+        responses = servicer.ModelStreamInfer(requests(), FakeContext())
         first = await anext(responses)
         await responses.aclose()
         return first

@@ -236,3 +236,16 @@ def test_a_stall_on_the_last_decode_worker_left_retries_it_instead_of_failing():
     check_one_stream(updates)
     assert trace.migrations == ["decode_failed", "stall"]
     assert len(slow.allocations) == 2, "the slow survivor serves the request's last attempt"
+
+
+def test_a_stall_on_the_only_decode_worker_left_retries_there_rather_than_failing():
+    slow = FakeWorker("d0", hang_after=3)  # one stall, then it behaves
+
+    async def scenario():
+        scheduler = fake_cluster([slow], [FakeWorker("p0")], stall_timeout_s=0.2)
+        trace = RequestTrace("r")
+        return trace, await run(scheduler, trace)
+
+    trace, updates = asyncio.run(scenario())
+    check_one_stream(updates)
+    assert trace.migrations == ["stall"] and len(slow.allocations) == 2

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decode_worker.kv_handles import FreeReason, HandleHooks, HandleState, HandleTable
+from decode_worker.kv_handles import (
+    FreeReason,
+    HandleHooks,
+    HandleState,
+    HandleTable,
+    owner_of,
+)
 from disagg.errors import OutOfBlocksError
 from disagg.kv.block_manager import BlockManager
 from disagg.kv.cache import KVLayout, PagedKVCache
@@ -174,3 +180,64 @@ def test_a_handle_shares_a_cached_prefix_and_drops_frames_that_would_overwrite_i
     assert second.state == HandleState.READY
     table.release(second.handle_id)
     assert manager.num_free_blocks == 16 and manager.num_cached_blocks == 3
+
+
+def test_handle_ids_name_the_incarnation_that_minted_them():
+    manager = BlockManager(num_blocks=16, block_size=LAYOUT.block_size)
+    cache = PagedKVCache(LAYOUT, 16, torch.device("cpu"))
+    table = HandleTable(manager, cache, worker_id="decode-0-e2")
+    handle = table.allocate("r", list(range(4)), max_new_tokens=1)
+    assert owner_of(handle.handle_id) == "decode-0-e2"
+    assert table.stale_owner(handle.handle_id) is None
+    assert table.stale_owner("decode-0-e1/" + "0" * 32) == "decode-0-e1"
+
+
+def test_frames_for_a_previous_incarnations_handle_are_dropped_and_counted():
+    manager = BlockManager(num_blocks=16, block_size=LAYOUT.block_size)
+    cache = PagedKVCache(LAYOUT, 16, torch.device("cpu"))
+    old = HandleTable(manager, cache, worker_id="decode-0-e1")
+    new = HandleTable(manager, cache, worker_id="decode-0-e2")
+    # NOTE: the old life's handle, in a table that (by accident) knows its id too: the
+    # owner in the id alone must keep its frames out of the new life's blocks
+    meant_for_old = old.allocate("r", list(range(4)), max_new_tokens=1)
+    new._handles[meant_for_old.handle_id] = meant_for_old
+    before = cache.k[0].clone()
+    header = LayerHeader(meant_for_old.handle_id, 0, 0, 4, "float32", (4, 2, 4))
+    new.on_layer(header, torch.full((4, 2, 4), 7.0), torch.zeros(4, 2, 4), 0)
+    new.on_done(DoneHeader(meant_for_old.handle_id, 4, LAYOUT.num_layers, 0, 0))
+    assert torch.equal(cache.k[0], before)
+    assert meant_for_old.state == HandleState.ALLOCATED
+    assert new.num_stale_frames == 2 and new.num_dropped_frames == 2
+
+
+def test_an_unrenewed_lease_lapses_and_a_renewed_one_does_not():
+    manager = BlockManager(num_blocks=16, block_size=LAYOUT.block_size)
+    cache = PagedKVCache(LAYOUT, 16, torch.device("cpu"))
+    table = HandleTable(manager, cache, worker_id="d")
+    abandoned = table.allocate("a", list(range(4)), max_new_tokens=1, lease_s=2.0)
+    live = table.allocate("b", list(range(4)), max_new_tokens=1, lease_s=2.0)
+    unleased = table.allocate("c", list(range(4)), max_new_tokens=1)
+    start_s = live.lease_expires_s - 2.0
+    assert table.lapsed(now_s=start_s + 1.9) == []
+    renewed = [live.handle_id, unleased.handle_id, "d/unknown", "other/x"]
+    assert table.renew(renewed, 2.0, now_s=start_s + 1.5) == 1
+    assert table.lapsed(now_s=start_s + 2.0) == [abandoned.handle_id]
+    assert table.lapsed(now_s=start_s + 3.6) == [abandoned.handle_id, live.handle_id]
+
+
+def test_without_a_lease_handles_never_lapse(table_and_hooks):
+    table, _ = table_and_hooks
+    table.allocate("r", list(range(4)), max_new_tokens=1)
+    assert table.lapsed(now_s=1e12) == []
+
+
+def test_a_renewed_handle_keeps_waiting_for_its_kv_past_the_ready_timeout(table_and_hooks):
+    """Under load a prefill may queue longer than the ready timeout; while the coordinator
+    renews the handle it waits on, and only the lease frees it once abandoned."""
+    table, _ = table_and_hooks  # ready timeout 5 s
+    queued = table.allocate("q", list(range(4)), max_new_tokens=1, lease_s=2.0)
+    start_s = queued.lease_expires_s - 2.0
+    for t in range(1, 20):  # a heartbeat a second for 19 s
+        table.renew([queued.handle_id], 2.0, now_s=start_s + t)
+        assert table.expire(now_s=start_s + t + 0.5) == []
+    assert table.lapsed(now_s=start_s + 19 + 2.0) == [queued.handle_id]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -116,6 +117,68 @@ def test_a_prefill_cancelled_while_queued_leaves_nothing_behind(tmp_path: Path):
             await asyncio.gather(*tasks, return_exceptions=True)
             for handle in handles:
                 decode.table.release(handle.handle_id, "cancelled")
+            await wait_for(decode.is_idle)
+
+    asyncio.run(scenario())
+
+
+def test_calls_naming_a_previous_incarnations_handle_are_refused(tmp_path: Path):
+    stale_id = "decode-0-e1/" + "0" * 32
+
+    async def scenario() -> None:
+        async with decode_side(tmp_path, colocated=True, worker_id="decode-0-e2") as decode:
+            handle = await decode.allocate([3, 4, 5], GREEDY)
+            assert handle.handle_id.startswith("decode-0-e2/")
+            stale = pb.KVHandle(handle_id=stale_id)
+            calls = [
+                decode.service.Free(pb.FreeRequest(handle_id=stale_id), FakeContext()),
+                colocated_prefill(decode).Prefill(prefill_request([3, 4, 5], stale), FakeContext()),
+                anext(decode.decode(stale, 7)),
+            ]
+            for call in calls:
+                with pytest.raises(RpcAborted) as refused:
+                    await call
+                assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+                assert "decode-0-e1" in refused.value.details and "stale" in refused.value.details
+            assert decode.table.get(handle.handle_id).state == HandleState.ALLOCATED
+            decode.table.release(handle.handle_id)
+            assert decode.is_idle()
+
+    asyncio.run(scenario())
+
+
+def test_a_decoding_handle_whose_lease_lapses_is_aborted_and_a_renewed_one_decodes_on(
+    tmp_path: Path,
+):
+    """The coordinator renews the handles of live requests; one it stopped renewing (it died,
+    or lost the request) is ended within the lease, mid-decode, and its blocks come back."""
+    prompt = random_prompts(1, [9], seed=11)[0]
+    long = SamplingParams(temperature=0, max_tokens=3000, ignore_eos=True)
+    lease_s = 0.3
+
+    async def start(decode) -> tuple[pb.KVHandle, AsyncIterator]:
+        handle = await decode.allocate(prompt, long, lease_s=lease_s)
+        reply = await colocated_prefill(decode).Prefill(
+            prefill_request(prompt, handle), FakeContext()
+        )
+        stream = decode.decode(handle, reply.first_token_id)
+        await anext(stream)
+        return handle, stream
+
+    async def scenario() -> None:
+        async with decode_side(tmp_path, num_kv_blocks=1024, colocated=True) as decode:
+            sweeper = asyncio.create_task(decode.service.expire_leases(0.05))
+            live, live_stream = await start(decode)
+            abandoned, abandoned_stream = await start(decode)
+            started_s = time.monotonic()
+            while time.monotonic() - started_s < 4 * lease_s:  # the coordinator's heartbeats
+                decode.table.renew([live.handle_id], lease_s)
+                await asyncio.sleep(0.05)
+            assert decode.table.end_reason(abandoned.handle_id) == "lease_expired"
+            assert [e.finish_reason async for e in abandoned_stream][-1] == "abort"
+            assert decode.table.get(live.handle_id).state == HandleState.DECODING
+            await live_stream.aclose()
+            sweeper.cancel()
             await wait_for(decode.is_idle)
 
     asyncio.run(scenario())
