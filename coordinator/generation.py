@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from coordinator.cluster_scheduler import ClusterScheduler
+from coordinator.errors import DeadlineExceededError
 from coordinator.metrics import Metrics
 from coordinator.quotas import TenantQuotas
 from coordinator.request_timing import RequestTrace
@@ -129,7 +130,9 @@ class Generator:
                     status = "finished"
                     return
             status = "finished"
-        except (GeneratorExit, asyncio.CancelledError):
+        except (GeneratorExit, asyncio.CancelledError, DeadlineExceededError):
+            # NOTE: a passed client deadline is the client giving up, as a cancel is; which
+            # of the two the server sees first is a race, and both count the same.
             status = "cancelled"
             raise
         finally:
