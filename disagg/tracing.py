@@ -39,6 +39,7 @@ per worker.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -190,12 +191,37 @@ def traced_asgi(app: ASGIApp) -> ASGIApp:
             name, context=propagate.extract(headers), kind=trace.SpanKind.SERVER,
             attributes=attributes,
         ) as span:  # fmt: skip
+            response = _ResponseStream()
 
             async def send_traced(message: dict) -> None:
                 if message["type"] == "http.response.start":
                     span.set_attribute("http.response.status_code", message["status"])
                 await send(message)
+                response.sent(message)
 
             await app(scope, receive, send_traced)
+            response.record()
 
     return traced
+
+
+class _ResponseStream:
+    """The `response.stream` span: from the response's headers to its last body chunk
+    reaching the client's socket (for a streamed completion, every token), in chunks."""
+
+    def __init__(self) -> None:
+        self.start_unix_ns = 0
+        self.end_unix_ns = 0
+        self.num_chunks = 0
+
+    def sent(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.start_unix_ns = time.time_ns()
+        elif message["type"] == "http.response.body":
+            self.num_chunks += 1
+            self.end_unix_ns = time.time_ns()
+
+    def record(self) -> None:
+        if self.start_unix_ns and self.end_unix_ns:
+            attributes = {"num_chunks": self.num_chunks}
+            record_span("response.stream", self.start_unix_ns, self.end_unix_ns, attributes)

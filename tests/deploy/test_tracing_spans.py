@@ -42,15 +42,16 @@ def traced(tiny_model_dir):
         provider.shutdown()
 
 
-def complete(url: str, trace_id: str, prompt: str) -> dict:
+def complete(url: str, trace_id: str, prompt: str, stream: bool = False) -> dict | str:
     body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+    body["stream"] = stream
     request = urllib.request.Request(
         f"{url}/v1/completions",
         json.dumps(body).encode(),
         {"Content-Type": "application/json", "traceparent": f"00-{trace_id}-{CLIENT_SPAN_ID}-01"},
     )
     with urllib.request.urlopen(request, timeout=60) as response:
-        return json.load(response)
+        return response.read().decode() if stream else json.load(response)
 
 
 class Tree:
@@ -147,6 +148,8 @@ def test_one_request_is_one_tree_with_every_phase_under_its_rpc(traced):
     assert [batch for _, batch in steps] == [1] * len(steps), "alone in every step"
     assert [s for s, _ in steps] == sorted({s for s, _ in steps}), "distinct steps, in order"
     assert not [s for s in tree.spans if s.name.startswith("decode.")], "events, not spans"
+    response = tree.one("response.stream")
+    assert tree.parent(response) is root and is_within(response, root)
 
 
 def test_concurrent_requests_are_separate_trees_and_steps_count_the_batch(traced):
@@ -161,3 +164,18 @@ def test_concurrent_requests_are_separate_trees_and_steps_count_the_batch(traced
         for step, batch_size in steps.items():
             assert batch_size == (2 if step in shared else 1), (step, first, second)
     cluster.wait_all_blocks_free()
+
+
+def test_a_streamed_response_is_one_span_spanning_every_chunk_to_the_client(traced):
+    cluster, exporter = traced
+    trace_id = "5cf92f3577b34da6a3ce929d0e0e4737"
+    events = complete(cluster.url, trace_id, "Streams carry", stream=True)
+    num_events = events.count("data: ")
+    assert num_events >= 3 and events.rstrip().endswith("data: [DONE]")
+    tree = tree_of(exporter, trace_id)
+    (root,) = tree.roots()
+    response = tree.one("response.stream")
+    assert tree.parent(response) is root and is_within(response, root)
+    assert response.attributes["num_chunks"] >= num_events
+    _, decode = rpc_pair(tree, "DecodeWorker/Decode")
+    assert response.start_time <= decode.end_time <= response.end_time, "tokens stream out"
