@@ -125,3 +125,91 @@ def test_greedy_under_a_schema_is_the_reference(serve, default_fp32):
     expected = tokenizer.decode(ids[:-1])
     jsonschema.validate(json.loads(expected), PERSON)
     assert _guided(serve, prompt_ids) == expected
+
+
+SCHEMA_SET = {
+    "nested": {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 12},
+            "location": {
+                "type": "object",
+                "properties": {"lat": {"type": "number"}, "lon": {"type": "number"}},
+                "required": ["lat", "lon"],
+            },
+        },
+        "required": ["city", "location"],
+    },
+    "array": {
+        "type": "object",
+        "properties": {
+            "tags": {
+                "type": "array",
+                "items": {"type": "string", "maxLength": 8},
+                "minItems": 1,
+                "maxItems": 3,
+            }
+        },
+        "required": ["tags"],
+    },
+    "enum": {
+        "type": "object",
+        "properties": {"mood": {"enum": ["happy", "sad", "calm"]}},
+        "required": ["mood"],
+    },
+    "bounded": {
+        "type": "object",
+        "properties": {
+            "score": {"type": "integer", "minimum": 1, "maximum": 10},
+            "note": {"type": "string", "maxLength": 10},
+        },
+        "required": ["score"],
+    },
+    "pattern": {
+        "type": "object",
+        "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"}},
+        "required": ["code"],
+    },
+}
+
+
+def test_sixteen_streams_mixing_schemas_and_free_text_all_validate(client):
+    """16 chats at once: every schema of the set, greedy and sampled, streamed and not,
+    beside free requests. Each constrained output parses and validates; none ends `stop`
+    with invalid JSON (a grammar cut short by max_tokens must say `length`)."""
+    import concurrent.futures
+
+    def ask(index: int) -> tuple[str | None, str, str]:
+        name = list(SCHEMA_SET)[index % len(SCHEMA_SET)] if index < 10 else None
+        kwargs: dict = {"max_tokens": 48, "seed": index}
+        kwargs["temperature"] = 0 if index % 2 else 0.7
+        if name is not None:
+            schema = {"name": name, "schema": SCHEMA_SET[name]}
+            kwargs["response_format"] = {"type": "json_schema", "json_schema": schema}
+        messages = [{"role": "user", "content": f"Give me a {name or 'short story'} as JSON."}]
+        if index % 4 < 2:
+            reply = client.chat.completions.create(model=MODEL, messages=messages, **kwargs)
+            return name, reply.choices[0].message.content, reply.choices[0].finish_reason
+        parts, finish = [], ""
+        stream = client.chat.completions.create(
+            model=MODEL, messages=messages, stream=True, **kwargs
+        )
+        for chunk in stream:
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+        return name, "".join(parts), finish
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(ask, range(16)))
+    num_validated = 0
+    for name, text, finish in results:
+        if name is None:
+            assert finish in ("stop", "length") and text
+            continue
+        if finish == "length":
+            continue  # allowed: the grammar did not finish within max_tokens
+        assert finish == "stop", (name, text, finish)
+        jsonschema.validate(json.loads(text), SCHEMA_SET[name])
+        num_validated += 1
+    assert num_validated >= 5, results
