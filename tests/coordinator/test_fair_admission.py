@@ -37,7 +37,7 @@ class Room:
             taken = len(self.order)
             self.num_slots += 1
             self.admission.notify()
-            await until(lambda: len(self.order) > taken)
+            await until(lambda taken=taken: len(self.order) > taken)
 
 
 async def until(condition, num_polls: int = 2000) -> None:
@@ -52,7 +52,8 @@ async def queue_up(room: Room, names_by_tenant: list[tuple[str, str]]) -> list[a
     tasks = []
     for name, tenant in names_by_tenant:
         tasks.append(room.request(name, tenant))
-        await until(lambda n=len(tasks): room.admission.num_waiting == n)
+        num_tasks = len(tasks)
+        await until(lambda num_tasks=num_tasks: room.admission.num_waiting == num_tasks)
     return tasks
 
 
