@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from coordinator.admission import Admission, OverloadedError
+from disagg.config import ConfigError, CoordinatorConfig
 
 
 class Room:
@@ -202,3 +203,14 @@ def test_a_full_line_gives_the_longest_tenants_newest_place_to_another_tenant():
         assert admission.num_waiting == 0
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("text", ["A", "A=0", "A=-1", "A=nan", "A=inf", "=2", "A=x"])
+def test_tenant_weights_that_are_not_positive_numbers_fail_at_startup(text):
+    with pytest.raises(ConfigError, match="tenant_weights"):
+        CoordinatorConfig(tenant_weights=text)
+
+
+def test_tenant_weights_parse_as_shares():
+    config = CoordinatorConfig(tenant_weights="A=3, B=0.5,")
+    assert config.tenant_weight_map == {"A": 3.0, "B": 0.5}
