@@ -1,7 +1,7 @@
 """Fair admission end to end: on an in-process cluster whose KV pool holds two requests at
 once, tenant A floods (more than its concurrency quota lets run: the rest get 429) while
 tenant B's few requests, sent once A's burst fills the wait queue, are all served, with a
-time to first token well below A's median."""
+time to first token well below A's median. And the `priority` field's checks."""
 
 from __future__ import annotations
 
@@ -65,3 +65,11 @@ def test_a_flooding_tenant_gets_429_while_another_is_served_first(tiny_model_dir
     b_ttfts_s = [reply["metrics"]["ttft_s"] for _, reply in b_replies]
     # NOTE: first come first served would put B behind every queued A (over 12 of them)
     assert max(b_ttfts_s) < statistics.median(a_ttfts_s), (b_ttfts_s, sorted(a_ttfts_s))
+
+
+def test_openai_priority_is_an_integer_field(inprocess_cluster):
+    status, _ = inprocess_cluster.completion("Hi", max_tokens=2, priority=-3)
+    assert status == 200
+    for bad in ("high", 1.5, 2**31):
+        status, reply = inprocess_cluster.completion("Hi", max_tokens=2, priority=bad)
+        assert status == 400 and reply["error"]["param"] == "priority", reply
