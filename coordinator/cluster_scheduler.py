@@ -156,7 +156,9 @@ class ClusterScheduler:
         """One placement of the sequence: allocate, prefill, decode; WorkerFault on a fault."""
         with tracing.span("admission", num_prompt_tokens=len(prompt_ids)) as span:
             (decode, handle), queue_s = await self.admission.admit(
-                lambda: self._allocate(trace.request_id, prompt_ids, params, avoid)
+                lambda: self._allocate(trace.request_id, prompt_ids, params, avoid),
+                trace.tenant,
+                trace.priority,
             )
             span.set_attribute("queue_s", queue_s)
             span.set_attribute("decode_worker", decode.worker_id)

@@ -41,6 +41,8 @@ class GenerationRequest:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     deadline_s: float | None = None
     """time.monotonic() by which the client wants its answer (coordinator/client_deadline.py)."""
+    priority: int = 0
+    """Order among the tenant's own requests waiting for KV room, lower first (vLLM's)."""
 
 
 @dataclass

@@ -26,7 +26,12 @@ from coordinator.request_timing import RequestTrace
 
 
 def trace_for(request: GenerationRequest) -> RequestTrace:
-    return RequestTrace(request.request_id, deadline_s=request.deadline_s)
+    return RequestTrace(
+        request.request_id,
+        tenant=request.tenant,
+        priority=request.priority,
+        deadline_s=request.deadline_s,
+    )
 
 
 class GenerationRunner:

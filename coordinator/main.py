@@ -58,7 +58,7 @@ async def run(config: CoordinatorConfig, dispatch: DispatchConfig | None = None)
     registry = WorkerRegistry(
         config.heartbeat_interval_s, config.heartbeat_timeout_s, config.cluster_secret
     )
-    admission = Admission(config.max_waiting, config.queue_timeout_s)
+    admission = Admission(config.max_waiting, config.queue_timeout_s, config.tenant_weight_map)
     registry.on_change(admission.notify)
     scheduler = ClusterScheduler(registry, admission, dispatch or DispatchConfig())
     metrics = Metrics(served_name)

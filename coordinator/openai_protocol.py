@@ -21,6 +21,8 @@ from disagg.model.loader import ModelInfo
 from disagg.model.tokenizer import apply_chat_template, encode_prompt
 
 MAX_N = 16
+PRIORITY_LIMIT = 2**31 - 1
+"""`priority` (vLLM's field: lower is sooner, among the tenant's own waiting requests)."""
 UNSUPPORTED_FIELDS = {
     "functions": "function calling",
     "function_call": "function calling",
@@ -202,4 +204,7 @@ def _parsed(
     stream = field(body, "stream", bool, False)
     options = field(body, "stream_options", dict, {})
     include_usage = bool(options.get("include_usage")) if stream else True
+    priority = integer(body, "priority", 0, -PRIORITY_LIMIT, PRIORITY_LIMIT)
+    for request in requests:
+        request.priority = priority
     return ParsedRequest(requests, stream, include_usage, logprobs, num_prompts)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from coordinator.frontend import SERVER_VERSION
 from coordinator.openai_fields import MAX_STOP_SEQUENCES
-from coordinator.openai_protocol import MAX_N
+from coordinator.openai_protocol import MAX_N, PRIORITY_LIMIT
 from coordinator.request_values import INT64_MIN, UINT32_LIMIT, UINT64_LIMIT
 from disagg.engine.sampling_params import (
     LOGIT_BIAS_RANGE,
@@ -80,6 +80,9 @@ SAMPLING = {
         "description": "token id -> bias added to its logit",
     },
     "user": {"type": "string"},
+    "priority": _int(
+        -PRIORITY_LIMIT, PRIORITY_LIMIT, description="lower is sooner, among the tenant's own"
+    ),
     "stream": {"type": "boolean"},
     "stream_options": {
         "type": "object",

@@ -18,6 +18,10 @@ class RequestTrace:
 
     request_id: str
     arrival_s: float = field(default_factory=time.time)
+    tenant: str = "default"
+    """Whose share of the KV wait queue the request waits in (coordinator/fair_queue.py)."""
+    priority: int = 0
+    """Order among the tenant's own waiting requests, lower first."""
     queue_s: float = 0.0
     prefill_s: float = 0.0
     prefill_queue_s: float = 0.0

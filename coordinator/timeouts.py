@@ -11,9 +11,15 @@ import asyncio
 
 
 async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
-    """Wait for `event` at most `timeout_s`; whether it was set."""
+    """Wait for `event` at most `timeout_s`; whether it was set.
+
+    NOTE: not `asyncio.wait_for`: before Python 3.12 it swallows a cancel that arrives just
+    as the event is set, so a request whose client left would stay in the KV wait queue."""
+    if event.is_set():
+        return True
+    waiting = asyncio.ensure_future(event.wait())
     try:
-        await asyncio.wait_for(event.wait(), timeout_s)
-    except (asyncio.TimeoutError, TimeoutError):  # NOTE: looked up at raise time; see module
-        return False
-    return True
+        done, _ = await asyncio.wait({waiting}, timeout=timeout_s)
+    finally:
+        waiting.cancel()
+    return bool(done)

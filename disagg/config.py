@@ -37,6 +37,24 @@ def require(condition: bool, field: str, message: str) -> None:
         raise ConfigError(field, message)
 
 
+def parse_tenant_weights(text: str) -> dict[str, float]:
+    """`TENANT=WEIGHT,...` as tenant -> weight (finite, > 0); ConfigError otherwise."""
+    weights: dict[str, float] = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        tenant, _, number = entry.partition("=")
+        try:
+            weight = float(number)
+        except ValueError:
+            weight = math.nan
+        require(
+            bool(tenant.strip()) and math.isfinite(weight) and weight > 0,
+            "tenant_weights",
+            f"{entry!r} is not TENANT=WEIGHT with a weight > 0",
+        )
+        weights[tenant.strip()] = weight
+    return weights
+
+
 def require_port(port: int, field: str, allow_any: bool = False) -> None:
     low = 0 if allow_any else 1
     require(low <= port < 65536, field, f"must be in [{low}, 65535], got {port}")
@@ -221,9 +239,13 @@ class CoordinatorConfig:
     # NOTE: charged as used (prompt at start, each generated token); a tenant in debt gets 429.
     tenant_max_tpm: float = 0.0
     """Prompt plus generated tokens per minute one tenant may use; 0 is no limit."""
+    # NOTE: shares of the admission queue while tenants wait for KV (coordinator/fair_queue.py).
+    tenant_weights: str = ""
+    """`TENANT=WEIGHT,...`: each tenant's share of KV room under contention; others weigh 1."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_key", tuple(self.api_key or ()))
+        parse_tenant_weights(self.tenant_weights)  # NOTE: so a bad entry fails at startup
         require(self.tenant_max_concurrent >= 0, "tenant_max_concurrent", "must be >= 0")
         require(
             math.isfinite(self.tenant_max_rps) and self.tenant_max_rps >= 0,
@@ -248,6 +270,10 @@ class CoordinatorConfig:
         )
         require(self.max_waiting >= 0, "max_waiting", "must be >= 0")
         require(self.queue_timeout_s > 0, "queue_timeout_s", "must be > 0")
+
+    @property
+    def tenant_weight_map(self) -> dict[str, float]:
+        return parse_tenant_weights(self.tenant_weights)
 
 
 @dataclass(frozen=True)
