@@ -12,14 +12,12 @@ to the decode worker.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
-import time
-import urllib.request
 
 from bench.local_cluster import LocalCluster
 from bench.report import write_report
+from bench.ttft import time_to_first_chunk
 from disagg.model.loader import load_model_info
 
 
@@ -31,32 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--worker-threads", type=int, default=1)
     parser.add_argument("--output", default="bench/results")
-
-
-def time_to_first_chunk(url: str, prompt_ids: list[int]) -> tuple[float, dict]:
-    """Client-side TTFT of a streamed completion, and the server's timings and usage."""
-    body = {
-        "prompt": prompt_ids,
-        "max_tokens": 2,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},  # the last chunk has timings and usage
-    }
-    request = urllib.request.Request(
-        f"{url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    start = time.perf_counter()
-    ttft_s, metrics = None, {}
-    with urllib.request.urlopen(request, timeout=600) as response:
-        for line in response:
-            if not line.startswith(b"data: {"):
-                continue
-            ttft_s = ttft_s or time.perf_counter() - start
-            chunk = json.loads(line[len(b"data: ") :])
-            if chunk.get("metrics"):
-                metrics = chunk["metrics"][0]
-    return ttft_s, metrics
 
 
 def summarize(label: str, runs: list[tuple[float, dict]]) -> dict:

@@ -32,13 +32,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def time_to_first_chunk(url: str, prompt_ids: list[int]) -> tuple[float, dict]:
-    """Client-side TTFT of a streamed completion, and the server's timings of the request."""
+    """Client-side TTFT of a streamed completion, and the server's timings and usage.
+
+    NOTE: the server sends its timings only in the usage chunk, so the request asks for it.
+    """
     body = {
         "prompt": prompt_ids,
         "max_tokens": 2,
         "temperature": 0,
-        "stream": True,
         "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
     }
     request = urllib.request.Request(
         f"{url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
@@ -50,7 +54,9 @@ def time_to_first_chunk(url: str, prompt_ids: list[int]) -> tuple[float, dict]:
             if not line.startswith(b"data: {"):
                 continue
             ttft_s = ttft_s or time.perf_counter() - start
-            metrics = json.loads(line[len(b"data: ") :]).get("metrics", metrics)
+            chunk = json.loads(line[len(b"data: ") :])
+            if chunk.get("metrics"):
+                metrics = chunk["metrics"][0]
     return ttft_s, metrics
 
 
