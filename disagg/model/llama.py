@@ -119,8 +119,7 @@ class LlamaModel:
     def kv_layout(self, block_size: int) -> KVLayout:
         return KVLayout(self.num_layers, self.num_kv_heads, self.head_dim, block_size, self.dtype)
 
-    @torch.inference_mode()
-    def forward(
+    def forward_step(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
@@ -133,21 +132,10 @@ class LlamaModel:
         every row (decode). Returns float32 logits [B, V].
 
         `on_layer(i)` runs as soon as layer i's K/V are in the cache, so a caller
-        can ship them while the next layer computes.
+        can ship them while the next layer computes. This is `forward` without its
+        inference-mode wrapper: what `torch.compile` traces (its caller is already in
+        inference mode).
         """
-        return self.forward_step(input_ids, positions, meta, kv_cache, logits_indices, on_layer)
-
-    def forward_step(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
-        kv_cache: PagedKVCache,
-        logits_indices: torch.Tensor | None,
-        on_layer: Callable[[int], None] | None = None,
-    ) -> torch.Tensor:
-        """`forward` without its inference-mode wrapper: what `torch.compile` traces
-        (the caller is already in inference mode)."""
         hidden = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
         cos, sin = self.rotary(hidden, positions.unsqueeze(0))  # [1, T, D] each
         cos, sin = cos[0], sin[0]
@@ -162,6 +150,9 @@ class LlamaModel:
             hidden = hidden[logits_indices]
         last = rms_norm(hidden, self.final_norm, self.eps)  # [B, hidden]
         return self.lm_head(last).float()
+
+    forward = torch.inference_mode()(forward_step)
+    """`forward_step` in inference mode: the eager entry point."""
 
     def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         gate, up = layer.gate_up_proj(x)
