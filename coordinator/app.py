@@ -33,6 +33,7 @@ def build_app(frontend: Frontend, api_keys: ApiKeys | None = None) -> Starlette:
                 "draining": w.is_draining,
                 "pid": w.info.pid,
                 "load": w.load,
+                "prompt_tokens_in_flight": w.prompt_tokens_in_flight,
                 "free_kv_blocks": w.free_kv_blocks,
                 "total_kv_blocks": w.info.total_kv_blocks,
                 "num_preemptions": w.num_preemptions,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import grpc
 
-from decode_worker.kv_handles import FreeReason, HandleState, HandleTable
+from decode_worker.kv_handles import FreeReason, HandleState, HandleTable, KVHandle
 from decode_worker.service import refuse_stale
 from disagg.engine.sequence import Sequence
 from disagg.engine.worker_loop import EngineLoop
@@ -20,17 +20,22 @@ from disagg.rpc.status import abort_invalid
 
 
 class InPlacePrefill(PrefillResult):
-    def __init__(self, table: HandleTable, handle_id: str) -> None:
+    """Both ends are called once the sequence has left the engine, so the handle's blocks
+    are no longer written to: from then on, ending the handle may free them."""
+
+    def __init__(self, table: HandleTable, handle: KVHandle) -> None:
         super().__init__()
         self.table = table
-        self.handle_id = handle_id
+        self.handle = handle
 
     def hand_over(self, seq: Sequence) -> None:
-        self.table.mark_ready(self.handle_id)
+        self.table.end_in_place_prefill(self.handle)
+        self.table.mark_ready(self.handle.handle_id)
         self.handed_over(seq, 0, 0)
 
     def abandon(self, seq: Sequence) -> None:
-        self.table.fail(self.handle_id, FreeReason.PREFILL_FAILED)
+        self.table.end_in_place_prefill(self.handle)
+        self.table.fail(self.handle.handle_id, FreeReason.PREFILL_FAILED)
 
 
 class ColocatedPrefillService(pb_grpc.PrefillWorkerServicer):
@@ -44,9 +49,7 @@ class ColocatedPrefillService(pb_grpc.PrefillWorkerServicer):
         await refuse_stale(self.table, request.handle.handle_id, context)
         handle = self.table.get(request.handle.handle_id)
         if handle is None or handle.state != HandleState.ALLOCATED:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, "KV handle is not ours or not fresh"
-            )
+            await not_fresh(context)
         if list(request.prompt_token_ids) != handle.prompt_token_ids:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "prompt differs from the allocated one"
@@ -64,4 +67,10 @@ class ColocatedPrefillService(pb_grpc.PrefillWorkerServicer):
             await self.loop.engine.grammars.prepare(seq)  # NOTE: compiles off the engine thread
         except InvalidRequestError as error:  # the coordinator frees the handle, as after any 400
             await abort_invalid(context, error)
-        return await run_prefill(self.loop, seq, InPlacePrefill(self.table, handle.handle_id))
+        if self.table.begin_in_place_prefill(handle.handle_id) is None:  # freed meanwhile
+            await not_fresh(context)
+        return await run_prefill(self.loop, seq, InPlacePrefill(self.table, handle))
+
+
+async def not_fresh(context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "KV handle is not ours or not fresh")

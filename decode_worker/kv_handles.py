@@ -28,6 +28,12 @@ the lease runs out, whatever its state; a live request's handle, renewed every
 beat, never lapses. As with an etcd lease, the holder asks for the time to
 live when it grants and renews, proves it is alive, and silence releases.
 
+In-place prefill (colocated, or a decode worker with no prefill worker left):
+the engine writes the prompt's K/V straight into the handle's blocks. A handle
+freed meanwhile (a Free, an expired lease, a timeout) keeps its blocks until the
+engine lets go of the sequence, or they could be handed to another request and
+overwritten under it (`begin_in_place_prefill` / `end_in_place_prefill`).
+
 Three threads touch a table (gRPC handlers, the KV receiver, the engine loop),
 so every state change holds one lock; hooks run outside it.
 """
@@ -111,6 +117,9 @@ class KVHandle:
     sequence: Sequence | None = None
     """The request as Allocate gave it (prompt, sampling parameters), WAITING_FOR_KV until
     Decode claims the handle and adds its first token."""
+    is_prefilling_in_place: bool = False
+    """This worker's engine is computing the prompt into the blocks: if the handle ends
+    meanwhile, its blocks are freed only once the engine is done with them."""
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -296,6 +305,29 @@ class HandleTable:
             return f"dtype {header.dtype} is not the pool's {dtype_name(layout.dtype)}"
         return None
 
+    # -- in-place prefill ----------------------------------------------------
+
+    def begin_in_place_prefill(self, handle_id: str) -> KVHandle | None:
+        """ALLOCATED -> RECEIVING, the engine about to write the prompt's K/V into the
+        blocks; None (nothing changes) when the handle is not here or not fresh."""
+        with self._lock:
+            handle = self._handles.get(handle_id)
+            if handle is None or handle.state != HandleState.ALLOCATED:
+                return None
+            handle.state = HandleState.RECEIVING
+            handle.is_prefilling_in_place = True
+            return handle
+
+    def end_in_place_prefill(self, handle: KVHandle) -> None:
+        """The engine no longer writes into the handle's blocks (its prompt is computed or
+        it left the engine). A handle that ended meanwhile frees its blocks now. Idempotent."""
+        with self._lock:
+            was_prefilling = handle.is_prefilling_in_place
+            handle.is_prefilling_in_place = False
+            ended = was_prefilling and handle.handle_id not in self._handles
+        if ended:
+            self.block_manager.free(handle.block_ids)
+
     # -- handing over and ending -----------------------------------------
 
     def mark_ready(self, handle_id: str) -> None:
@@ -336,7 +368,9 @@ class HandleTable:
             handle = self._handles.pop(handle_id, None)
             if handle is None:
                 return False
+            # NOTE: blocks the engine is still prefilling into are freed when it is done
             owns_blocks = handle.state != HandleState.DECODING
+            owns_blocks = owns_blocks and not handle.is_prefilling_in_place
             handle.state = HandleState.FAILED if failed else HandleState.FREED
             handle.free_reason = reason
             self._end_reasons[handle_id] = reason

@@ -110,8 +110,13 @@ class Stream:
                 return
 
 
-def run_all(serve: ServeProcess, model: str, batch: list[Stream], fault=None) -> list[Stream]:
-    """Run every stream at once; `fault(batch)` runs alongside, from the test's thread."""
+def run_all(
+    serve: ServeProcess, model: str, batch: list[Stream], fault=None, before=None
+) -> list[Stream]:
+    """Run every stream at once; `before()` runs first, `fault(batch)` alongside the
+    streams, both from the test's thread."""
+    if before is not None:
+        before()
     with ThreadPoolExecutor(len(batch)) as pool:
         futures = [pool.submit(stream.run, serve, model) for stream in batch]
         if fault is not None:

@@ -44,6 +44,9 @@ tie (`owls 3` had one: ' night' vs ' one'), which no migration would have caused
 LONG_PROMPT_WORDS = 80
 """Long enough that a CPU prefill (and its KV transfer) takes a while, so a kill lands in it."""
 RESTART_TIMEOUT_S = 180.0
+HOLD_S = 2.0
+"""How long prefill workers stay SIGSTOPped waiting for prompts: under the heartbeat
+timeout (3 s), past which the coordinator would take them as hung."""
 
 
 def streams(long: bool) -> list[Stream]:
@@ -152,7 +155,7 @@ def test_requests_survive_every_fault_with_the_same_tokens():
         check_same(run(streams(long=True), kill_in_transfer), expected_long)
         assert in_transfer == [True], "the kill came after the first tokens"
         assert migrations(serve).get("decode_failed", 0) > before, "the kill hit no transfer"
-        drained = drain_every_worker(serve, run, expected, killed)
+        drained = drain_every_worker(serve, model, expected, killed)
 
         # the restarted workers are back in the rotation and serve what comes next
         last = run(streams(long=False))
@@ -167,30 +170,56 @@ def slot(worker_id: str) -> str:
     return worker_id.rsplit("-e", 1)[0]
 
 
-def drain_every_worker(serve: ServeProcess, run, expected: list[Stream], gone: set[str]):
-    """SIGTERM a busy prefill worker and a decode worker mid-stream, in one batch, twice (a
-    different slot each time): each drains (finishes what it has, exits 0) and is restarted;
-    returns the drained worker ids."""
+def drain_every_worker(serve: ServeProcess, model: str, expected: list[Stream], gone: set[str]):
+    """SIGTERM a prefill worker with prompts in flight and a decode worker mid-stream, in one
+    batch, twice (a different slot each time): each drains (finishes what it has, exits 0)
+    and is restarted; returns the drained worker ids.
+
+    NOTE: these prompts are in the prefix caches by now, so a prefill takes milliseconds,
+    less than any poll could catch. So the prefill workers of the slots not drained yet are
+    SIGSTOPped before the batch; the one the coordinator sends prompts to (its live record,
+    not a heartbeat) gets SIGTERM, pending until all get SIGCONT, well inside the heartbeat
+    timeout: it wakes with the prompts on the wire and drains them."""
     wait_back(serve, "decode", gone)
     wait_back(serve, "prefill", gone)
     drained: set[str] = set()
     for _ in range(2):
-
-        def busy_undrained(role: str) -> dict | None:
-            slots = {slot(worker_id) for worker_id in drained}
-            candidates = [w for w in workers(serve, role) if slot(w["worker_id"]) not in slots]
-            return next((w for w in candidates if w["load"] > 0), None)
-
-        def drain(batch: list[Stream]) -> None:
-            victim = wait_until(lambda: busy_undrained("prefill"), 120, "a busy prefill worker")
-            os.kill(victim["pid"], signal.SIGTERM)
-            wait_until(lambda: all(s.num_chunks >= 3 for s in batch), 180, "streams going")
-            other = wait_until(lambda: busy_undrained("decode"), 30, "a busy decode worker")
-            os.kill(other["pid"], signal.SIGTERM)
-            drained.update((victim["worker_id"], other["worker_id"]))
-
-        check_same(run(streams(long=False), drain), expected)
+        drained |= drain_once(serve, model, expected, {slot(worker_id) for worker_id in drained})
         wait_back(serve, "decode", drained | gone)
         wait_back(serve, "prefill", drained | gone)
     assert len({slot(worker_id) for worker_id in drained}) == 4, drained
+    return drained
+
+
+def drain_once(serve: ServeProcess, model: str, expected: list[Stream], slots: set[str]):
+    """One batch that drains a prefill and a decode worker of none of `slots`; their ids."""
+    held = [w for w in workers(serve, "prefill") if slot(w["worker_id"]) not in slots]
+    drained: set[str] = set()
+
+    def hold() -> None:
+        for worker in held:
+            os.kill(worker["pid"], signal.SIGSTOP)
+
+    def sent_prompts() -> dict | None:
+        ids = {w["worker_id"] for w in held}
+        in_flight = [w for w in workers(serve, "prefill") if w["prompt_tokens_in_flight"] > 0]
+        return next((w for w in in_flight if w["worker_id"] in ids), None)
+
+    def busy_decode() -> dict | None:
+        candidates = [w for w in workers(serve, "decode") if slot(w["worker_id"]) not in slots]
+        return next((w for w in candidates if w["load"] > 0), None)
+
+    def drain(batch: list[Stream]) -> None:
+        try:
+            victim = wait_until(sent_prompts, HOLD_S, "prompts sent to a held prefill worker", 0.02)
+            os.kill(victim["pid"], signal.SIGTERM)
+        finally:
+            for worker in held:
+                os.kill(worker["pid"], signal.SIGCONT)
+        wait_until(lambda: all(s.num_chunks >= 3 for s in batch), 180, "streams going")
+        other = wait_until(busy_decode, 30, "a busy decode worker")
+        os.kill(other["pid"], signal.SIGTERM)
+        drained.update((victim["worker_id"], other["worker_id"]))
+
+    check_same(run_all(serve, model, streams(long=False), drain, before=hold), expected)
     return drained

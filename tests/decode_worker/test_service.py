@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -120,6 +121,40 @@ def test_a_prefill_cancelled_while_queued_leaves_nothing_behind(tmp_path: Path):
             await wait_for(decode.is_idle)
 
     asyncio.run(scenario())
+
+
+def test_a_handle_freed_during_its_in_place_prefill_keeps_its_blocks_until_the_engine_is_done(
+    tmp_path: Path,
+):
+    """A Free (or a lapsed lease) can end a handle while the engine still writes its prompt's
+    K/V into the blocks: they must not go to another request until that write is over, or
+    the other request decodes from this one's K/V."""
+    first, second = random_prompts(2, [23, 23], seed=12)
+    gate = threading.Event()
+
+    async def scenario() -> list[int]:
+        async with decode_side(tmp_path, colocated=True) as decode:
+            step = decode.engine.step
+            decode.engine.step = lambda *args: gate.wait(10) and step(*args)
+            service = colocated_prefill(decode)
+            freed = await decode.allocate(first, GREEDY)
+            prefill = asyncio.create_task(
+                service.Prefill(prefill_request(first, freed), FakeContext())
+            )
+            await wait_for(lambda: decode.loop.num_sequences == 1)
+            free = pb.FreeRequest(handle_id=freed.handle_id, reason="cancelled")
+            assert (await decode.service.Free(free, FakeContext())).freed
+            handle = await decode.allocate(second, GREEDY)
+            assert not set(handle.block_ids) & set(freed.block_ids), "blocks still written to"
+            gate.set()
+            with pytest.raises(Exception):
+                await prefill  # its handle is gone: the RPC fails, the blocks come back
+            reply = await service.Prefill(prefill_request(second, handle), FakeContext())
+            events = [e async for e in decode.decode(handle, reply.first_token_id)]
+            await wait_for(decode.is_idle)
+            return [reply.first_token_id] + [e.token_id for e in events]
+
+    assert asyncio.run(scenario()) == reference_tokens(tiny_loaded().model, second, 6)
 
 
 def test_calls_naming_a_previous_incarnations_handle_are_refused(tmp_path: Path):
