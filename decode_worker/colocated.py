@@ -15,7 +15,7 @@ from disagg.engine.worker_loop import EngineLoop
 from disagg.errors import InvalidRequestError
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc import control_pb2_grpc as pb_grpc
-from disagg.rpc.prefill_reply import PrefillResult, run_prefill
+from disagg.rpc.prefill_reply import PrefillAborted, PrefillResult, run_prefill
 from disagg.rpc.status import abort_invalid
 
 
@@ -30,7 +30,8 @@ class InPlacePrefill(PrefillResult):
 
     def hand_over(self, seq: Sequence) -> None:
         self.table.end_in_place_prefill(self.handle)
-        self.table.mark_ready(self.handle.handle_id)
+        if not self.table.mark_ready(self.handle.handle_id):
+            raise PrefillAborted(f"KV handle {self.handle.handle_id} ended during its prefill")
         self.handed_over(seq, 0, 0)
 
     def abandon(self, seq: Sequence) -> None:

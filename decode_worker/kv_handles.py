@@ -330,13 +330,17 @@ class HandleTable:
 
     # -- handing over and ending -----------------------------------------
 
-    def mark_ready(self, handle_id: str) -> None:
-        """The KV was computed in place (colocated): no transfer to wait for."""
+    def mark_ready(self, handle_id: str) -> bool:
+        """The KV was computed in place (colocated): no transfer to wait for. False when the
+        handle ended meanwhile (freed, expired)."""
         with self._lock:
-            handle = self._handles[handle_id]
+            handle = self._handles.get(handle_id)
+            if handle is None:
+                return False
             self._make_ready(handle)
         handle.settled.set()
         self._call("on_ready", handle)
+        return True
 
     def _make_ready(self, handle: KVHandle) -> None:
         """READY, and the prompt's full blocks findable by later prompts. Under the lock:

@@ -183,7 +183,8 @@ def test_duration_cuts_an_open_loop_schedule(tmp_path, loopback):
     records = read_records(tmp_path / "plain" / "requests.jsonl")
     assert len(records) == 20  # sends at 0, 0.05, ... 0.95 s
     assert max(r.scheduled_ns for r in records) < 1e9
-    assert json.loads((tmp_path / "plain" / "run.json").read_text())["warnings"] == []
+    warnings = json.loads((tmp_path / "plain" / "run.json").read_text())["warnings"]
+    assert not any("raise --num-requests" in w for w in warnings)  # NOTE: load may warn of lag
 
 
 def test_duration_stops_a_closed_loop_and_warns_when_the_cap_runs_out(tmp_path, loopback):

@@ -15,6 +15,7 @@ from decode_worker.kv_handles import HandleState
 from disagg.engine.sampling_params import SamplingParams
 from disagg.engine.sequence import SequenceStatus
 from disagg.rpc import control_pb2 as pb
+from disagg.rpc.prefill_reply import PrefillAborted
 from tests.helpers import random_prompts, reference_tokens, tiny_loaded
 from tests.worker_harness import FakeContext, RpcAborted, colocated_prefill, decode_side
 
@@ -147,7 +148,7 @@ def test_a_handle_freed_during_its_in_place_prefill_keeps_its_blocks_until_the_e
             handle = await decode.allocate(second, GREEDY)
             assert not set(handle.block_ids) & set(freed.block_ids), "blocks still written to"
             gate.set()
-            with pytest.raises(Exception):
+            with pytest.raises(PrefillAborted):
                 await prefill  # its handle is gone: the RPC fails, the blocks come back
             reply = await service.Prefill(prefill_request(second, handle), FakeContext())
             events = [e async for e in decode.decode(handle, reply.first_token_id)]
