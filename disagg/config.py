@@ -66,10 +66,13 @@ class SchedulerConfig:
     """Most sequences in the running batch."""
     max_num_batched_tokens: int = 2048
     """Most prompt tokens in one prefill step; longer prompts are chunked."""
+    decode_interleave_tokens: int = 256
+    """With sequences decoding: prompt tokens per prefill step, then a decode step (0: off)."""
 
     def __post_init__(self) -> None:
         require(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
         require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
+        require(self.decode_interleave_tokens >= 0, "decode_interleave_tokens", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,9 @@ class EngineConfig:
     """Most sequences decoding together."""
     max_num_batched_tokens: int = 2048
     """Most prompt tokens in one prefill forward; longer prompts are chunked."""
+    # NOTE: keeps running streams at pace while prompts arrive (colocated, or in place)
+    decode_interleave_tokens: int = 256
+    """With sequences decoding: prompt tokens per prefill step, then a decode step (0: off)."""
     max_model_len: int | None = None
     """Context limit (prompt + output) in tokens; defaults to the model's."""
     compile: bool = False
@@ -107,7 +113,9 @@ class EngineConfig:
 
     @property
     def scheduler(self) -> SchedulerConfig:
-        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)
+        return SchedulerConfig(
+            self.max_num_seqs, self.max_num_batched_tokens, self.decode_interleave_tokens
+        )
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,17 @@
 """Which sequences run in the next step: pure policy, no torch, no sockets.
 
 Algorithm: a step is either a prefill step or a decode step.
-- Prefill first: waiting sequences are admitted in arrival order while the
-  token budget and free blocks allow. A sequence gets the blocks for all its
-  tokens when its first chunk is scheduled, and only if the block manager's
-  watermark stays free afterwards (room for the running ones to grow), so a
-  half-prefilled prompt never waits for blocks that decoding took meanwhile.
+- Prefill first, but never twice in a row while sequences decode: waiting
+  sequences are admitted in arrival order while the token budget and free
+  blocks allow. With sequences decoding, the budget shrinks to
+  `decode_interleave_tokens` and each prefill step is followed by a decode step,
+  so a burst of long prompts delays a running stream's next token by one chunk,
+  not by the whole burst (the stall-free idea of Sarathi-Serve's chunked prefills,
+  Agrawal et al., OSDI 2024, in alternating steps rather than mixed batches: a
+  decode step keeps its kernels, and its tokens, whatever arrives). A sequence
+  gets the blocks for all its tokens when its first chunk is scheduled, and only
+  if the block manager's watermark stays free afterwards (room for the running
+  ones to grow), so a half-prefilled prompt never waits for blocks that decoding took meanwhile.
   A prompt longer than the remaining budget is cut into chunks; the rest waits
   at the head of the queue for the next step.
 - Otherwise every running sequence decodes one token, growing by one block when
@@ -74,6 +80,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         """Sequences preempted (blocks freed, KV to recompute) over the scheduler's life."""
+        self._prefilled_last = False
+        """The last step was a prefill step: with sequences decoding, a decode step is next."""
 
     @property
     def has_unfinished(self) -> bool:
@@ -95,9 +103,16 @@ class Scheduler:
         self.running.append(seq)
 
     def schedule(self) -> SchedulerOutput:
-        chunks = self._schedule_prefill()
-        if chunks:
-            return SchedulerOutput(prefill=chunks)
+        interleaving = bool(self.running) and self.config.decode_interleave_tokens > 0
+        if not (interleaving and self._prefilled_last):
+            budget = self.config.max_num_batched_tokens
+            if interleaving:
+                budget = min(budget, self.config.decode_interleave_tokens)
+            chunks = self._schedule_prefill(budget)
+            if chunks:
+                self._prefilled_last = True
+                return SchedulerOutput(prefill=chunks)
+        self._prefilled_last = False
         return SchedulerOutput(decode=self._schedule_decode())
 
     def finish(self, seq: Sequence, reason: str) -> None:
@@ -134,8 +149,7 @@ class Scheduler:
             else:
                 self.add_running(seq)
 
-    def _schedule_prefill(self) -> list[ScheduledChunk]:
-        budget = self.config.max_num_batched_tokens
+    def _schedule_prefill(self, budget: int) -> list[ScheduledChunk]:
         chunks: list[ScheduledChunk] = []
         for seq in self.waiting:
             if budget == 0 or len(self.running) + len(chunks) >= self.config.max_num_seqs:

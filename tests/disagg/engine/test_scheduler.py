@@ -9,10 +9,15 @@ from disagg.kv.block_manager import BlockManager
 
 
 def make_scheduler(
-    num_blocks: int = 64, budget: int = 32, max_seqs: int = 8, watermark_fraction: float = 0.0
+    num_blocks: int = 64,
+    budget: int = 32,
+    max_seqs: int = 8,
+    watermark_fraction: float = 0.0,
+    interleave: int = 0,
 ) -> Scheduler:
+    """`interleave` 0 (prefill first) unless a test is about interleaving."""
     manager = BlockManager(num_blocks, block_size=4, watermark_fraction=watermark_fraction)
-    return Scheduler(SchedulerConfig(max_seqs, budget), manager)
+    return Scheduler(SchedulerConfig(max_seqs, budget, interleave), manager)
 
 
 def make_seq(num_tokens: int) -> Sequence:
@@ -184,3 +189,33 @@ def test_a_chunked_prompt_holds_all_its_blocks_from_its_first_chunk():
     chunks = run_prefill(scheduler)
     assert [c.num_tokens for c in chunks] == [8]
     assert len(seq.block_table) == 8  # 30 tokens: decoding cannot take them meanwhile
+
+
+def test_with_sequences_decoding_prefill_steps_shrink_and_alternate_with_decode_steps():
+    scheduler = make_scheduler(budget=32, interleave=8)
+    running = make_seq(5)
+    scheduler.add(running)
+    assert [(c.seq, c.num_tokens) for c in run_prefill(scheduler)] == [(running, 5)]
+    running.output_token_ids.append(7)
+    long = make_seq(20)
+    scheduler.add(long)
+    kinds = []
+    for _ in range(7):
+        output = scheduler.schedule()
+        for chunk in output.prefill:
+            scheduler.on_prefilled(chunk)
+        for seq in output.decode:
+            seq.num_computed_tokens += 1
+            seq.output_token_ids.append(7)
+        kinds.append([c.num_tokens for c in output.prefill] or f"decode {len(output.decode)}")
+    # a decode step after the first prompt's prefill, then the 20 prompt tokens in chunks
+    # of 8 with a decode step after each; then both decode
+    assert kinds == ["decode 1", [8], "decode 1", [8], "decode 1", [4], "decode 2"]
+
+
+def test_without_sequences_decoding_a_prefill_step_takes_the_whole_budget():
+    scheduler = make_scheduler(budget=32, interleave=8)
+    first, second = make_seq(20), make_seq(10)
+    scheduler.add(first)
+    scheduler.add(second)
+    assert [c.num_tokens for c in run_prefill(scheduler)] == [20, 10]
