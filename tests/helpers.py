@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from disagg import tracing
 from disagg.model.loader import LoadedModel
 
 TINY_VOCAB = 512
@@ -87,3 +93,17 @@ def reference_text(loaded: LoadedModel, prompt_ids: list[int], max_new_tokens: i
     """transformers' greedy continuation as the text a server returns (special tokens dropped)."""
     tokens = reference_tokens(loaded.model, prompt_ids, max_new_tokens)
     return loaded.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+@contextlib.contextmanager
+def recorded_spans() -> Iterator[InMemorySpanExporter]:
+    """Install a tracer provider whose finished spans collect in the exporter yielded."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    try:
+        yield exporter
+    finally:
+        tracing.uninstall()
+        provider.shutdown()

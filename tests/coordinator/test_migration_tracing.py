@@ -6,14 +6,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from coordinator.request_timing import RequestTrace
 from disagg import tracing
 from disagg.engine.sampling_params import SamplingParams
 from tests.coordinator.fake_workers import FakeWorker, expected_tokens, fake_cluster
+from tests.helpers import recorded_spans
 
 PROMPT = [5, 6, 7, 8]
 MAX_TOKENS = 12
@@ -21,12 +19,8 @@ MAX_TOKENS = 12
 
 @pytest.fixture
 def exporter():
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.install(provider)
-    yield exporter
-    tracing.uninstall()
+    with recorded_spans() as exporter:
+        yield exporter
 
 
 def test_a_migration_is_an_event_then_a_second_admission(exporter):

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from decode_worker.kv_handles import FreeReason, HandleTable
 from decode_worker.kv_receive_spans import KVReceiveSpans
@@ -15,16 +12,13 @@ from disagg import tracing
 from disagg.kv.block_manager import BlockManager
 from disagg.kv.cache import PagedKVCache
 from tests.decode_worker.test_kv_handles import LAYOUT, send_prompt
+from tests.helpers import recorded_spans
 
 
 @pytest.fixture
 def exporter():
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.install(provider)
-    yield exporter
-    tracing.uninstall()
+    with recorded_spans() as exporter:
+        yield exporter
 
 
 @pytest.fixture

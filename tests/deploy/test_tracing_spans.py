@@ -14,13 +14,12 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from disagg import tracing
 from tests.cluster_harness import wait_until
+from tests.helpers import recorded_spans
 from tests.inprocess_cluster import InProcessCluster
 
 CLIENT_SPAN_ID = "00f067aa0ba902b7"
@@ -30,16 +29,8 @@ RPC = "/disagg.control.{}"
 
 @pytest.fixture(scope="module")
 def traced(tiny_model_dir):
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.install(provider)
-    try:
-        with InProcessCluster(tiny_model_dir) as cluster:
-            yield cluster, exporter
-    finally:
-        tracing.uninstall()
-        provider.shutdown()
+    with recorded_spans() as exporter, InProcessCluster(tiny_model_dir) as cluster:
+        yield cluster, exporter
 
 
 def complete(url: str, trace_id: str, prompt: str, stream: bool = False) -> dict | str:
