@@ -24,6 +24,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from unittest import mock
 
+from disagg.config import WorkerConfig
 from tests.cluster_harness import port_is_free, post_json, wait_until
 
 TINY_MODEL_NAME = "tiny-smollm2"
@@ -149,25 +150,27 @@ class InProcessCluster:
     def _roles_to_run(self) -> list[Coroutine]:
         from coordinator import main as coordinator_main
         from decode_worker import main as decode_main
-        from disagg.config import CoordinatorConfig, DecodeWorkerConfig, EngineConfig, WorkerConfig
+        from disagg.config import CoordinatorConfig, DecodeWorkerConfig, EngineConfig
         from prefill_worker import main as prefill_main
 
         engine = EngineConfig(**self._engine)
-        workers = dict(
+        return [
+            coordinator_main.run(CoordinatorConfig(**self._coordinator)),
+            prefill_main.run(engine, self.worker_config("prefill-0")),
+            decode_main.run(
+                engine, self.worker_config("decode-0"), DecodeWorkerConfig(kv_transport="ipc")
+            ),
+        ]
+
+    def worker_config(self, worker_id: str) -> WorkerConfig:
+        """A worker of this cluster: its coordinator, loopback, one thread, its secret."""
+        return WorkerConfig(
+            worker_id=worker_id,
             coordinator=f"127.0.0.1:{self.control_port}",
             host="127.0.0.1",
             threads=1,
             cluster_secret=self._coordinator.get("cluster_secret", ""),
         )
-        return [
-            coordinator_main.run(CoordinatorConfig(**self._coordinator)),
-            prefill_main.run(engine, WorkerConfig(worker_id="prefill-0", **workers)),
-            decode_main.run(
-                engine,
-                WorkerConfig(worker_id="decode-0", **workers),
-                DecodeWorkerConfig(kv_transport="ipc"),
-            ),
-        ]
 
     def __enter__(self) -> InProcessCluster:
         from coordinator import kserve_grpc

@@ -43,15 +43,10 @@ class TwoDecodeWorkers(InProcessCluster):
 
     def _roles_to_run(self) -> list:
         from decode_worker import main as decode_main
-        from disagg.config import DecodeWorkerConfig, EngineConfig, WorkerConfig
+        from disagg.config import DecodeWorkerConfig, EngineConfig
 
         engine = EngineConfig(**self._engine)
-        second = WorkerConfig(
-            worker_id="decode-1",
-            coordinator=f"127.0.0.1:{self.control_port}",
-            host="127.0.0.1",
-            threads=1,
-        )
+        second = self.worker_config("decode-1")
         extra = decode_main.run(engine, second, DecodeWorkerConfig(kv_transport="ipc"))
         return [*super()._roles_to_run(), extra]
 

@@ -64,15 +64,10 @@ class ColocatedCluster(InProcessCluster):
     def _roles_to_run(self) -> list:
         from coordinator import main as coordinator_main
         from decode_worker import main as decode_main
-        from disagg.config import CoordinatorConfig, DecodeWorkerConfig, EngineConfig, WorkerConfig
+        from disagg.config import CoordinatorConfig, DecodeWorkerConfig, EngineConfig
 
         engine = EngineConfig(**self._engine)
-        worker = WorkerConfig(
-            worker_id="colocated-0",
-            coordinator=f"127.0.0.1:{self.control_port}",
-            host="127.0.0.1",
-            threads=1,
-        )
+        worker = self.worker_config("colocated-0")
         return [
             coordinator_main.run(CoordinatorConfig(**self._coordinator)),
             decode_main.run(engine, worker, DecodeWorkerConfig(kv_transport="ipc", colocated=True)),
