@@ -115,8 +115,10 @@ class InProcessCluster:
         queue_timeout_s: float = 30.0,
         heartbeat_interval_s: float = 1.0,
         max_num_batched_tokens: int = 2048,
+        dispatch: dict | None = None,
         **coordinator_options: object,
     ) -> None:
+        """dispatch: DispatchConfig fields (placement policy, timeouts)."""
         self.model_dir = model_dir
         self.model = TINY_MODEL_NAME
         self.http_port, self.grpc_port, self.control_port = free_port(), free_port(), free_port()
@@ -142,6 +144,7 @@ class InProcessCluster:
             queue_timeout_s=queue_timeout_s,
             **coordinator_options,
         )
+        self._dispatch = dispatch or {}
         self._loop = _RecordingLoop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="cluster", daemon=True)
         self._roles: asyncio.Future | None = None
@@ -149,7 +152,13 @@ class InProcessCluster:
     def _roles_to_run(self) -> list[Coroutine]:
         from coordinator import main as coordinator_main
         from decode_worker import main as decode_main
-        from disagg.config import CoordinatorConfig, DecodeWorkerConfig, EngineConfig, WorkerConfig
+        from disagg.config import (
+            CoordinatorConfig,
+            DecodeWorkerConfig,
+            DispatchConfig,
+            EngineConfig,
+            WorkerConfig,
+        )
         from prefill_worker import main as prefill_main
 
         engine = EngineConfig(**self._engine)
@@ -160,7 +169,9 @@ class InProcessCluster:
             cluster_secret=self._coordinator.get("cluster_secret", ""),
         )
         return [
-            coordinator_main.run(CoordinatorConfig(**self._coordinator)),
+            coordinator_main.run(
+                CoordinatorConfig(**self._coordinator), DispatchConfig(**self._dispatch)
+            ),
             prefill_main.run(engine, WorkerConfig(worker_id="prefill-0", **workers)),
             decode_main.run(
                 engine,
