@@ -1,0 +1,144 @@
+"""`disagg-bench disagg-policy`: where should a prompt be prefilled?
+
+One seeded mixed workload, open-loop Poisson arrivals under an SLO, against
+`disagg serve --mode disaggregated` (1 prefill + 1 decode worker) with each
+`--disagg-policy`: always (every prompt on the prefill worker), never (every
+prompt in place on the decode worker) and auto (the cost model of
+coordinator/disagg_policy.py). Each server runs alone, started just before its
+turn and stopped after. The mix, in a seeded shuffled order:
+
+- short fresh prompts, where the hop and the KV transfer are most of the cost;
+- long fresh prompts, whose prefill in place would stall the running streams;
+- follow-ups on a few shared long prefixes: the first of each group is a long
+  uncached prompt, the rest have only a short suffix left to compute.
+
+Goodput (requests meeting the SLO per second) is the verdict; the table also
+counts where each server prefilled (from its `disagg_prefill_placements_total`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from bench.local_cluster import LocalCluster
+from bench.serving import commands
+from bench.serving.datasets import SharedPrefixConfig, build_shared_prefix
+from bench.serving.lengths import parse_length
+from bench.serving.runner import Target, TargetResult, run_target, write_result
+from bench.serving.server_metrics import series_total
+from bench.serving.table import print_table
+from bench.serving.workload import (
+    SyntheticConfig,
+    WorkloadRequest,
+    build_synthetic,
+    write_workload,
+)
+
+POLICIES = ("always", "never", "auto")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default", help="disagg model spec")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated, in order")
+    parser.add_argument("--num-requests", type=int, default=30, help="measured requests")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--load", default="poisson:0.25")
+    parser.add_argument("--short-len", default="uniform:16:48", help="short prompts' tokens")
+    parser.add_argument("--long-len", default="uniform:256:512", help="long prompts' tokens")
+    parser.add_argument("--prefix-len", type=int, default=256, help="shared prefixes' tokens")
+    parser.add_argument("--prefix-groups", type=int, default=3)
+    parser.add_argument("--output-len", default="uniform:16:32")
+    parser.add_argument("--slo", default="ttft<=4s,tpot<=300ms")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-o", "--output", type=Path, default=Path("bench/results/disagg_policy"))
+
+
+def mixed_workload(args: argparse.Namespace, num_requests: int) -> list[WorkloadRequest]:
+    """A third short fresh, a third long fresh, a third follow-ups on shared prefixes."""
+    tokenizer = commands.load_tokenizer(args.model)
+    output_len = parse_length(args.output_len)
+    num_each = -(-num_requests // 3)
+    short = SyntheticConfig(parse_length(args.short_len), output_len, num_each, args.seed)
+    long = SyntheticConfig(parse_length(args.long_len), output_len, num_each, args.seed + 1)
+    groups = SharedPrefixConfig(
+        args.prefix_groups,
+        -(-num_each // args.prefix_groups),
+        args.prefix_len,
+        parse_length(args.short_len),
+        output_len,
+    )
+    requests = [
+        *build_synthetic(short, tokenizer),
+        *build_synthetic(long, tokenizer),
+        *build_shared_prefix(groups, tokenizer, num_each, args.seed),
+    ]
+    order = np.random.default_rng([args.seed, 7]).permutation(len(requests))[:num_requests]
+    return [replace(requests[int(j)], index=i) for i, j in enumerate(order)]
+
+
+def run_args(args: argparse.Namespace, out: Path) -> argparse.Namespace:
+    """The `disagg-bench run` arguments, as its own parser would give them."""
+    parser = argparse.ArgumentParser()
+    commands.add_run_arguments(parser)
+    argv = [
+        "--target", "placeholder=http://127.0.0.1:1", "--load", args.load,
+        "--num-requests", str(args.num_requests), "--warmup", str(args.warmup),
+        "--seed", str(args.seed), "--slo", args.slo, "--tokenizer", args.model,
+        "--progress" if sys.stderr.isatty() else "--no-progress", "-o", str(out),
+    ]  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def server(args: argparse.Namespace, policy: str) -> LocalCluster:
+    return LocalCluster(
+        "--mode", "disaggregated", "--prefill-workers", "1", "--decode-workers", "1",
+        "--model", args.model, "--dtype", args.dtype,
+        "--worker-threads", str(args.worker_threads), "--disagg-policy", policy,
+    )  # fmt: skip
+
+
+def placements(result: TargetResult) -> dict[str, float]:
+    deltas = result.server_metrics or {}
+    name = "disagg_prefill_placements_total"
+    return {
+        "in_place": series_total(deltas, name, 'placement="in_place"'),
+        "remote": series_total(deltas, name, 'placement="remote"'),
+    }
+
+
+def main(args: argparse.Namespace) -> int:
+    policies = args.policies.split(",")
+    unknown = set(policies) - set(POLICIES)
+    if unknown:
+        print(f"disagg-bench disagg-policy: error: unknown {sorted(unknown)}", file=sys.stderr)
+        return 2
+    out = args.output
+    scenario_args = run_args(args, out)
+    plan, _ = commands.build_plan(scenario_args)
+    plan = replace(plan, workload=tuple(mixed_workload(args, len(plan.workload))))
+    out.mkdir(parents=True, exist_ok=True)
+    write_workload(out / "workload.jsonl", list(plan.workload))
+    results = []
+    for policy in policies:
+        print(f"[disagg-policy] starting {policy}", file=sys.stderr)
+        with server(args, policy) as cluster:
+            result = run_target(plan, Target(policy, cluster.url), scenario_args.progress)
+        write_result(out, result, commands.run_config(scenario_args, server=policy))
+        commands.print_result(result)
+        results.append(result)
+    print(f"\n== disagg-policy: {args.load}, SLO {args.slo} ==")
+    print_table([(r.target.name, r.summary) for r in results])
+    for result in results:
+        counts = placements(result)
+        print(
+            f"{result.target.name}: prefilled in place {counts['in_place']:.0f}, "
+            f"remote {counts['remote']:.0f}"
+        )
+    return 0
