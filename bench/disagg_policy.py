@@ -14,6 +14,9 @@ turn and stopped after. The mix, in a seeded shuffled order:
 
 Goodput (requests meeting the SLO per second) is the verdict; the table also
 counts where each server prefilled (from its `disagg_prefill_placements_total`).
+On a shared machine the background load drifts, so `--rounds 2` (the default)
+runs the policies in order, then in reverse (always, never, auto, auto, never,
+always), and each column sums both of its turns (one pass each).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from bench.local_cluster import LocalCluster
 from bench.serving import commands
 from bench.serving.datasets import SharedPrefixConfig, build_shared_prefix
 from bench.serving.lengths import parse_length
-from bench.serving.runner import Target, TargetResult, run_target, write_result
+from bench.serving.metrics import summarize_run
+from bench.serving.runner import RunPlan, Target, TargetResult, run_target, write_result
 from bench.serving.server_metrics import series_total
 from bench.serving.table import print_table
 from bench.serving.workload import (
@@ -47,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated, in order")
-    parser.add_argument("--num-requests", type=int, default=30, help="measured requests")
+    parser.add_argument("--num-requests", type=int, default=24, help="measured, per turn")
+    parser.add_argument("--rounds", type=int, default=2, help="turns per policy, order reversed")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--load", default="poisson:0.25")
     parser.add_argument("--short-len", default="uniform:16:48", help="short prompts' tokens")
@@ -104,13 +109,41 @@ def server(args: argparse.Namespace, policy: str) -> LocalCluster:
     )  # fmt: skip
 
 
-def placements(result: TargetResult) -> dict[str, float]:
-    deltas = result.server_metrics or {}
+def placements(results: list[TargetResult]) -> dict[str, float]:
+    """Prefills in place and remote, over the server's turns (from its own counter)."""
     name = "disagg_prefill_placements_total"
     return {
-        "in_place": series_total(deltas, name, 'placement="in_place"'),
-        "remote": series_total(deltas, name, 'placement="remote"'),
+        where: sum(
+            series_total(r.server_metrics or {}, name, f'placement="{where}"') for r in results
+        )
+        for where in ("in_place", "remote")
     }
+
+
+def run_turn(
+    args: argparse.Namespace,
+    plan: RunPlan,
+    scenario_args: argparse.Namespace,
+    policy: str,
+    turn: int,
+) -> TargetResult:
+    """One policy's server started, driven with the workload once, stopped."""
+    print(f"[disagg-policy] turn {turn}: starting {policy}", file=sys.stderr)
+    with server(args, policy) as cluster:
+        result = run_target(plan, Target(policy, cluster.url), scenario_args.progress)
+    config = commands.run_config(scenario_args, server=policy, turn=turn)
+    write_result(args.output / f"turn{turn}", result, config)
+    commands.print_result(result)
+    return result
+
+
+def combined(results: list[TargetResult], plan: RunPlan) -> TargetResult:
+    """One policy's turns as one result: each turn's records as one pass."""
+    records = [
+        replace(record, repeat=turn) for turn, r in enumerate(results) for record in r.records
+    ]
+    first = results[0]
+    return replace(first, records=records, summary=summarize_run(records, plan.slo))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -125,20 +158,15 @@ def main(args: argparse.Namespace) -> int:
     plan = replace(plan, workload=tuple(mixed_workload(args, len(plan.workload))))
     out.mkdir(parents=True, exist_ok=True)
     write_workload(out / "workload.jsonl", list(plan.workload))
-    results = []
-    for policy in policies:
-        print(f"[disagg-policy] starting {policy}", file=sys.stderr)
-        with server(args, policy) as cluster:
-            result = run_target(plan, Target(policy, cluster.url), scenario_args.progress)
-        write_result(out, result, commands.run_config(scenario_args, server=policy))
-        commands.print_result(result)
-        results.append(result)
-    print(f"\n== disagg-policy: {args.load}, SLO {args.slo} ==")
+    turns: dict[str, list[TargetResult]] = {policy: [] for policy in policies}
+    for turn in range(args.rounds):
+        for policy in policies if turn % 2 == 0 else policies[::-1]:
+            turns[policy].append(run_turn(args, plan, scenario_args, policy, turn))
+    results = [combined(turns[policy], plan) for policy in policies]
+    print(f"\n== disagg-policy: {args.load}, SLO {args.slo}, {args.rounds} turns each ==")
     print_table([(r.target.name, r.summary) for r in results])
-    for result in results:
-        counts = placements(result)
-        print(
-            f"{result.target.name}: prefilled in place {counts['in_place']:.0f}, "
-            f"remote {counts['remote']:.0f}"
-        )
+    for policy in policies:
+        counts = placements(turns[policy])
+        in_place, remote = counts["in_place"], counts["remote"]
+        print(f"{policy}: prefilled in place {in_place:.0f}, remote {remote:.0f}")
     return 0

@@ -8,6 +8,10 @@ import argparse
 from bench import disagg_policy
 from bench.cli import build_parser, main
 from bench.serving import commands
+from bench.serving.record import RequestRecord
+from bench.serving.runner import RunPlan, Target, TargetResult
+from bench.serving.schedule import Schedule
+from bench.serving.slo import parse_slo
 
 
 def parsed(*argv: str) -> argparse.Namespace:
@@ -40,3 +44,27 @@ def test_each_policy_runs_the_same_cluster_but_for_its_flag():
 def test_unknown_policies_are_refused(capsys):
     assert main(["disagg-policy", "--policies", "sometimes"]) == 2
     assert "unknown" in capsys.readouterr().err
+
+
+def record(index: int, ttft_ms: int) -> RequestRecord:
+    ms = 1_000_000
+    return RequestRecord(
+        index, 10, 2, sent_ns=0, chunk_ns=[ttft_ms * ms, (ttft_ms + 50) * ms],
+        chunk_tokens=[1, 1], end_ns=(ttft_ms + 50) * ms, status=200, completion_tokens=2,
+    )  # fmt: skip
+
+
+def test_a_policys_turns_are_combined_as_passes_and_its_placements_summed():
+    slo = parse_slo("ttft<=1s")
+    plan = RunPlan((), Schedule((0.0,), None, None), None, slo=slo)
+    turns = [
+        TargetResult(Target("auto", "http://127.0.0.1:1"), [record(0, 100)], {}, 0.0, [], {}),
+        TargetResult(Target("auto", "http://127.0.0.1:1"), [record(0, 3000)], {}, 0.0, [], {}),
+    ]
+    for turn, where in zip(turns, ("in_place", "remote")):
+        key = f'disagg_prefill_placements_total{{model="m",placement="{where}",reason="cost"}}'
+        turn.server_metrics = {key: 1.0}
+    both = disagg_policy.combined(turns, plan)
+    assert [r.repeat for r in both.records] == [0, 1]
+    assert both.summary["num_requests"] == 2 and both.summary["slo_attainment"] == 0.5
+    assert disagg_policy.placements(turns) == {"in_place": 1.0, "remote": 1.0}
