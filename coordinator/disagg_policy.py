@@ -22,6 +22,7 @@ its log line and the `disagg_prefill_placements_total` counter.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ from coordinator.registry import WorkerRecord
 from disagg.config import DispatchConfig
 from disagg.engine.engine_rates import ewma
 from disagg.rpc import control_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 IN_PLACE, REMOTE = "in_place", "remote"
 """Where a prompt was prefilled: on its decode worker, or on a prefill worker."""
@@ -81,6 +84,10 @@ def place_prefill(
         is_in_place = prefills_in_place(config, num_uncached)
         return (decode if is_in_place else prefill), Decision(is_in_place, "threshold")
     figures = _estimate(config, decode, prefill, prompt_ids, num_uncached, index)
+    log.debug(
+        "prefill of %d uncached tokens: remote %.3f s on %s, in place %.3f s + %.3f s stall",
+        num_uncached, figures.remote_s, prefill.worker_id, figures.in_place_s, figures.stall_s,
+    )  # fmt: skip
     return (decode if figures.is_in_place else prefill), Decision(
         figures.is_in_place, "cost", figures
     )
