@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix-groups", type=int, default=3)
     parser.add_argument("--output-len", default="uniform:16:32")
     parser.add_argument("--slo", default="ttft<=4s,tpot<=300ms")
+    parser.add_argument(
+        "--in-place-stall-weight", type=float, default=None, help="auto's (default: the server's)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-o", "--output", type=Path, default=Path("bench/results/disagg_policy"))
 
@@ -102,10 +105,12 @@ def run_args(args: argparse.Namespace, out: Path) -> argparse.Namespace:
 
 
 def server(args: argparse.Namespace, policy: str) -> LocalCluster:
+    weight = args.in_place_stall_weight
+    tuned = ("--in-place-stall-weight", str(weight)) if weight is not None else ()
     return LocalCluster(
         "--mode", "disaggregated", "--prefill-workers", "1", "--decode-workers", "1",
         "--model", args.model, "--dtype", args.dtype,
-        "--worker-threads", str(args.worker_threads), "--disagg-policy", policy,
+        "--worker-threads", str(args.worker_threads), "--disagg-policy", policy, *tuned,
     )  # fmt: skip
 
 

@@ -38,7 +38,9 @@ def test_each_policy_runs_the_same_cluster_but_for_its_flag():
         assert argv[argv.index("--disagg-policy") + 1] == policy
         assert argv[argv.index("--dtype") + 1] == "float32"
     always, auto = commands_by_policy["always"], commands_by_policy["auto"]
-    assert len(always) == len(auto)
+    assert len(always) == len(auto) and "--in-place-stall-weight" not in auto
+    tuned = disagg_policy.server(parsed("--in-place-stall-weight", "0.5"), "auto").args
+    assert tuned[tuned.index("--in-place-stall-weight") + 1] == "0.5"
 
 
 def test_unknown_policies_are_refused(capsys):
