@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import engine_throughput, headline, kv_transfer, prefix_ttft, ttft
+from bench import disagg_policy, engine_throughput, headline, kv_transfer, prefix_ttft, ttft
 from bench.serving import calibrate as serving_calibrate
 from bench.serving import commands as serving
 from bench.serving import report as serving_report
@@ -33,6 +33,8 @@ SUBCOMMANDS = [
      serving_report.add_compare_arguments, serving_report.compare_main),
     ("headline", "colocated vs disaggregated vs transformers serve, on this machine",
      headline.add_arguments, headline.main),
+    ("disagg-policy", "--disagg-policy always vs never vs auto on a mixed workload",
+     disagg_policy.add_arguments, disagg_policy.main),
     ("calibrate", "the client's own ceiling, on loopback",
      serving_calibrate.add_calibrate_arguments, serving_calibrate.calibrate_main),
 ]  # fmt: skip

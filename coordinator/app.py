@@ -39,6 +39,10 @@ def build_app(frontend: Frontend, api_keys: ApiKeys | None = None) -> Starlette:
                 "num_preemptions": w.num_preemptions,
                 "num_kv_frames_rejected": w.num_kv_frames_rejected,
                 "cached_kv_blocks": w.num_cached_blocks,
+                "prefill_tokens_per_s": w.prefill_tokens_per_s,
+                "decode_step_s": w.decode_step_s,
+                "num_running_sequences": w.num_running_sequences,
+                "prefill_overhead_s": w.prefill_overhead_s,
             }
             for w in frontend.registry.all()
         ]

@@ -9,8 +9,8 @@ Placement: the decode worker with the most free KV blocks (as the registry
 estimates them between heartbeats), the prefill worker with the fewest prompt
 tokens in flight, each net of the prompt's prefix it likely holds already
 (coordinator/prefix_routing.py). A colocated worker prefills its own handles,
-and so does a decode worker when `disagg_policy` says (never; auto, for a short
-uncached suffix). A request that
+and so does a decode worker when `disagg_policy` says (never; auto, when its cost
+model finds it cheaper: coordinator/disagg_policy.py). A request that
 could not fit the largest decode worker's whole pool is refused at once (400)
 instead of queueing until the admission timeout.
 """
@@ -28,7 +28,7 @@ import grpc
 
 from coordinator.admission import Admission
 from coordinator.client_deadline import call_timeout_s, within_deadline
-from coordinator.disagg_policy import prefills_in_place
+from coordinator.disagg_policy import observe_prefill, place_prefill
 from coordinator.errors import WorkerError
 from coordinator.migration import (
     DECODE_FAILED,
@@ -272,23 +272,27 @@ class ClusterScheduler:
             self.registry.unreserve_blocks(worker, num_blocks)
 
     def _pick_prefill(
-        self, decode: WorkerRecord, handle: pb.KVHandle, prompt_ids: list[int], avoid: set[str]
+        self,
+        decode: WorkerRecord,
+        handle: pb.KVHandle,
+        prompt_ids: list[int],
+        avoid: set[str],
+        trace: RequestTrace,
     ) -> WorkerRecord:
-        """The prefill worker with the fewest tokens to compute; the decode worker itself
-        (in place, as the colocated role does) when it is colocated, the policy says so for
-        this prompt's uncached suffix, or no other is left."""
-        num_uncached = len(prompt_ids) - handle.num_cached_tokens
-        if decode.info.role == "colocated" or prefills_in_place(self.config, num_uncached):
-            return decode
+        """The worker to prefill on, by `disagg_policy` (coordinator/disagg_policy.py): a
+        prefill worker, or the decode worker itself (in place, as the colocated role does);
+        the decision goes in the trace."""
         candidates = [
             w
             for w in self.registry.healthy("prefill")
             if w.info.role == "prefill" and w.worker_id not in avoid
         ]
-        if not candidates:
-            return decode
-        prefill = self.prefix_index.pick_prefill(candidates, prompt_ids)
-        self.prefix_index.record(prefill, prompt_ids)
+        prefill, decision = place_prefill(
+            self.config, decode, candidates, prompt_ids, handle.num_cached_tokens, self.prefix_index
+        )
+        trace.prefill_placement, trace.placement_reason = decision.placement, decision.reason
+        if prefill is not decode:
+            self.prefix_index.record(prefill, prompt_ids)
         return prefill
 
     async def _prefill(
@@ -301,7 +305,7 @@ class ClusterScheduler:
         avoid: set[str],
         decode_lost: LostFlag,
     ) -> TokenUpdate:
-        prefill = self._pick_prefill(decode, handle, prompt_ids, avoid)
+        prefill = self._pick_prefill(decode, handle, prompt_ids, avoid, trace)
         trace.prefill_worker = prefill.worker_id
         request = pb.PrefillRequest(
             request_id=trace.request_id,
@@ -314,7 +318,9 @@ class ClusterScheduler:
             with self._lost.watching(prefill.worker_id) as prefill_lost:
                 timeout_s = call_timeout_s(self.config.prefill_timeout_s, trace.deadline_s)
                 call = prefill.prefill.Prefill(request, timeout=timeout_s)
+                started_s = time.monotonic()
                 reply = await first_of(call, [prefill_lost, decode_lost], None)
+                observe_prefill(prefill, time.monotonic() - started_s, reply)
         except Interrupted as stop:
             cause = DECODE_FAILED if stop.flag is decode_lost else PREFILL_FAILED
             lost_id = stop.flag.worker_id

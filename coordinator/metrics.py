@@ -86,6 +86,13 @@ class Metrics:
             [*labels, "role"],
             registry=self.registry,
         )
+        self.prefill_placements = Counter(
+            "disagg_prefill_placements",
+            "Where prompts were prefilled (in_place on their decode worker, or remote), and why "
+            "(policy, cost, threshold, colocated, no_prefill_worker).",
+            ["model", "placement", "reason"],
+            registry=self.registry,
+        )
         worker_labels = ["model", "worker", "role"]
         self.blocks_used = Gauge(
             "disagg_kv_blocks_used", "KV blocks in use.", worker_labels, registry=self.registry
@@ -119,6 +126,10 @@ class Metrics:
             self.kv_transfer.labels(**labels).observe(trace.kv_transfer_s)
             self.kv_bytes.labels(**labels).inc(trace.kv_bytes)
             self._record_prefix_cache(labels, trace, num_prompt)
+        if trace.prefill_placement:
+            self.prefill_placements.labels(
+                model=self.model, placement=trace.prefill_placement, reason=trace.placement_reason
+            ).inc()
         for gap in trace.tbt_s:
             self.tbt.labels(**labels).observe(gap)
         for cause in trace.migrations:
@@ -130,6 +141,8 @@ class Metrics:
             "prompt_tokens": num_prompt, "completion_tokens": num_generated,
             "ttft_s": trace.ttft_s, "mean_tbt_s": trace.mean_tbt_s, "e2e_s": e2e_s,
             "prefill_worker": trace.prefill_worker, "decode_worker": trace.decode_worker,
+            "prefill_placement": trace.prefill_placement,
+            "placement_reason": trace.placement_reason,
             "migrations": len(trace.migrations), "migration_causes": trace.migrations,
             "recovery_s": trace.recovery_s,
         }))  # fmt: skip

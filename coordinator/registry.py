@@ -82,6 +82,16 @@ class WorkerRecord:
     """The worker is finishing its sequences before it exits: place nothing new on it."""
     held_handle_ids: set[str] = field(default_factory=set)
     """KV handles a request of this coordinator holds there: each heartbeat renews them."""
+    prefill_tokens_per_s: float = 0.0
+    """Prompt tokens per second of its prefill forwards, a moving average (as last reported;
+    0.0: none measured yet)."""
+    decode_step_s: float = 0.0
+    """Seconds per decode step of its running batch, a moving average (as last reported)."""
+    num_running_sequences: int = 0
+    """Sequences in its decode batch (as last reported)."""
+    prefill_overhead_s: float = 0.0
+    """A prefill here, measured by this coordinator: the Prefill call's seconds beyond the
+    worker's queue and forward (the hop, the KV transfer's tail), a moving average."""
     decode: pb_grpc.DecodeWorkerStub = field(init=False)
     prefill: pb_grpc.PrefillWorkerStub = field(init=False)
 
@@ -161,6 +171,9 @@ class WorkerRegistry:
         record.num_preemptions = request.num_preemptions
         record.num_kv_frames_rejected = request.num_kv_frames_rejected
         record.num_cached_blocks = request.cached_kv_blocks
+        record.prefill_tokens_per_s = request.prefill_tokens_per_s
+        record.decode_step_s = request.decode_step_s
+        record.num_running_sequences = request.num_running_sequences
         self._changed()
         return True
 

@@ -36,6 +36,10 @@ class RequestTrace:
     token_times_s: list[float] = field(default_factory=list)
     prefill_worker: str = ""
     decode_worker: str = ""
+    prefill_placement: str = ""
+    """in_place (the decode worker prefilled it) or remote (a prefill worker did)."""
+    placement_reason: str = ""
+    """Why there (coordinator/disagg_policy.py `Decision.reason`)."""
     migrations: list[str] = field(default_factory=list)
     """The cause of each move to another worker after a fault (see coordinator/migration.py)."""
     recovery_s: list[float] = field(default_factory=list)
@@ -73,6 +77,8 @@ def timings(trace: RequestTrace) -> dict:
         "kv_cached_tokens": trace.num_kv_cached_tokens,
         "prefill_worker": trace.prefill_worker,
         "decode_worker": trace.decode_worker,
+        "prefill_placement": trace.prefill_placement,
+        "placement_reason": trace.placement_reason,
         "migrations": len(trace.migrations),
         "e2e_s": time.time() - trace.arrival_s,
     }

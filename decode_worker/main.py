@@ -13,6 +13,7 @@ from decode_worker.kv_socket_dir import make_socket_dir, remove_stale_socket_dir
 from decode_worker.service import DecodeService, SettleWaiters
 from disagg import tracing
 from disagg.config import DecodeWorkerConfig, EngineConfig, WorkerConfig
+from disagg.engine.engine_rates import EngineRates
 from disagg.engine.llm_engine import LLMEngine
 from disagg.engine.worker_loop import EngineLoop
 from disagg.kv.frame_mac import FrameMac
@@ -73,6 +74,7 @@ async def run(
     endpoint = receiver.endpoint if receiver else ""
     service = DecodeService(engine, table, loop, waiters, worker_id, endpoint)
     leases = asyncio.create_task(service.expire_leases(LEASE_SWEEP_S))
+    rates = EngineRates(engine.stats)  # NOTE: in-place prefills count as its prefill rate
 
     def add_services(server) -> None:
         pb_grpc.add_DecodeWorkerServicer_to_server(service, server)
@@ -82,6 +84,7 @@ async def run(
         pb_grpc.add_PrefillWorkerServicer_to_server(prefill, server)
 
     def status() -> pb.HeartbeatRequest:
+        measured = rates.sample()
         return pb.HeartbeatRequest(
             worker_id=worker_id,
             load=service.load(),
@@ -89,6 +92,9 @@ async def run(
             num_preemptions=engine.scheduler.num_preemptions,
             num_kv_frames_rejected=receiver.num_rejected if receiver else 0,
             cached_kv_blocks=engine.block_manager.num_cached_blocks,
+            prefill_tokens_per_s=measured.prefill_tokens_per_s,
+            decode_step_s=measured.decode_step_s,
+            num_running_sequences=len(engine.scheduler.running),
         )
 
     def renew_leases(reply: pb.HeartbeatResponse) -> None:

@@ -176,9 +176,11 @@ class DispatchConfig:
     keepalive_s: float = 5.0
     """gRPC keepalive ping interval on the channels to workers, in seconds."""
     disagg_policy: DisaggPolicy = "always"
-    """Prefill on a prefill worker always, never (on the decode worker), or auto (by suffix)."""
+    """Prefill on a prefill worker always, never (on the decode worker), or auto (by cost)."""
     max_local_prefill_tokens: int = 32
-    """auto: prefill on the decode worker when at most this many prompt tokens are uncached."""
+    """auto, until a prefill rate is measured: in place when at most this many are uncached."""
+    in_place_stall_weight: float = 1.0
+    """auto: one running stream's second of stall, in seconds of the new prompt's TTFT."""
     handle_lease_s: float = 10.0
     """Seconds a KV handle outlives its last renewal (each heartbeat reply); 0: no lease."""
 
@@ -193,6 +195,7 @@ class DispatchConfig:
             self.disagg_policy in ("always", "never", "auto"), "disagg_policy", "always|never|auto"
         )
         require(self.max_local_prefill_tokens >= 0, "max_local_prefill_tokens", "must be >= 0")
+        require(self.in_place_stall_weight >= 0, "in_place_stall_weight", "must be >= 0")
         require(self.handle_lease_s >= 0, "handle_lease_s", "must be >= 0")
 
 

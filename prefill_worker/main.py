@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 
 from disagg.config import EngineConfig, WorkerConfig
+from disagg.engine.engine_rates import EngineRates
 from disagg.engine.llm_engine import LLMEngine
 from disagg.engine.worker_loop import EngineLoop
 from disagg.kv.frame_mac import FrameMac
@@ -34,6 +35,7 @@ async def run(engine_config: EngineConfig, config: WorkerConfig) -> None:
     loop.start()
     service = PrefillService(loop, sender, completions)
     worker_id = resolved_id(config, "prefill")
+    rates = EngineRates(engine.stats)
 
     def status() -> pb.HeartbeatRequest:
         return pb.HeartbeatRequest(
@@ -41,6 +43,7 @@ async def run(engine_config: EngineConfig, config: WorkerConfig) -> None:
             load=loop.num_sequences + completions.num_pending,
             free_kv_blocks=engine.block_manager.num_free_blocks,
             cached_kv_blocks=engine.block_manager.num_cached_blocks,
+            prefill_tokens_per_s=rates.sample().prefill_tokens_per_s,
         )
 
     def on_stop() -> None:

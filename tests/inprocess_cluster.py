@@ -116,8 +116,10 @@ class InProcessCluster:
         queue_timeout_s: float = 30.0,
         heartbeat_interval_s: float = 1.0,
         max_num_batched_tokens: int = 2048,
+        dispatch: dict | None = None,
         **coordinator_options: object,
     ) -> None:
+        """dispatch: DispatchConfig fields (placement policy, timeouts)."""
         self.model_dir = model_dir
         self.model = TINY_MODEL_NAME
         self.http_port, self.grpc_port, self.control_port = free_port(), free_port(), free_port()
@@ -143,6 +145,7 @@ class InProcessCluster:
             queue_timeout_s=queue_timeout_s,
             **coordinator_options,
         )
+        self._dispatch = dispatch or {}
         self._loop = _RecordingLoop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="cluster", daemon=True)
         self._roles: asyncio.Future | None = None
@@ -150,12 +153,19 @@ class InProcessCluster:
     def _roles_to_run(self) -> list[Coroutine]:
         from coordinator import main as coordinator_main
         from decode_worker import main as decode_main
-        from disagg.config import CoordinatorConfig, DecodeWorkerConfig, EngineConfig
+        from disagg.config import (
+            CoordinatorConfig,
+            DecodeWorkerConfig,
+            DispatchConfig,
+            EngineConfig,
+        )
         from prefill_worker import main as prefill_main
 
         engine = EngineConfig(**self._engine)
         return [
-            coordinator_main.run(CoordinatorConfig(**self._coordinator)),
+            coordinator_main.run(
+                CoordinatorConfig(**self._coordinator), DispatchConfig(**self._dispatch)
+            ),
             prefill_main.run(engine, self.worker_config("prefill-0")),
             decode_main.run(
                 engine, self.worker_config("decode-0"), DecodeWorkerConfig(kv_transport="ipc")
