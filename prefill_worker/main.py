@@ -41,6 +41,7 @@ async def run(engine_config: EngineConfig, config: WorkerConfig) -> None:
             load=loop.num_sequences + completions.num_pending,
             free_kv_blocks=engine.block_manager.num_free_blocks,
             cached_kv_blocks=engine.block_manager.num_cached_blocks,
+            num_engine_steps=loop.num_busy_steps,
         )
 
     def on_stop() -> None:

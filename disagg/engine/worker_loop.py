@@ -81,6 +81,10 @@ class EngineLoop:
         self.num_steps = 0
         """Steps run; with num_in_last_step, which step batch a listener's call is about."""
         self.num_in_last_step = 0
+        self.num_busy_steps = 0
+        """Steps that computed something (num_scheduled > 0), ever: the worker's progress
+        counter, reported in its heartbeat. A step that found no room for anything is not
+        counted, so an engine spinning on a full pool does not read as making progress."""
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
@@ -113,6 +117,8 @@ class EngineLoop:
             if self.engine.has_unfinished:
                 output = self.engine.step(self._on_layer)
                 self.num_steps, self.num_in_last_step = self.num_steps + 1, output.num_scheduled
+                if not output.is_idle:
+                    self.num_busy_steps += 1
                 self._dispatch(output)
                 is_idle = output.is_idle  # e.g. waiting for blocks: sleep until a Wake
 

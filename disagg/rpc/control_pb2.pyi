@@ -206,7 +206,7 @@ class RegisterResponse(_message.Message):
     def __init__(self, heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "load", "free_kv_blocks", "draining", "num_preemptions", "num_kv_frames_rejected", "cached_kv_blocks")
+    __slots__ = ("worker_id", "load", "free_kv_blocks", "draining", "num_preemptions", "num_kv_frames_rejected", "cached_kv_blocks", "num_engine_steps", "num_handles_lease_expired")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +214,8 @@ class HeartbeatRequest(_message.Message):
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_FRAMES_REJECTED_FIELD_NUMBER: _ClassVar[int]
     CACHED_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ENGINE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_HANDLES_LEASE_EXPIRED_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     load: int
     free_kv_blocks: int
@@ -221,7 +223,9 @@ class HeartbeatRequest(_message.Message):
     num_preemptions: int
     num_kv_frames_rejected: int
     cached_kv_blocks: int
-    def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., draining: bool = ..., num_preemptions: _Optional[int] = ..., num_kv_frames_rejected: _Optional[int] = ..., cached_kv_blocks: _Optional[int] = ...) -> None: ...
+    num_engine_steps: int
+    num_handles_lease_expired: int
+    def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., draining: bool = ..., num_preemptions: _Optional[int] = ..., num_kv_frames_rejected: _Optional[int] = ..., cached_kv_blocks: _Optional[int] = ..., num_engine_steps: _Optional[int] = ..., num_handles_lease_expired: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("known", "leased_handle_ids", "lease_s")
