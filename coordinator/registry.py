@@ -80,9 +80,12 @@ class WorkerRecord:
     """KV messages the worker dropped for a missing or wrong MAC (forged or altered), ever."""
     num_engine_steps: int = 0
     """Engine steps that computed something, ever (as last reported): its progress counter."""
+    step_running_s: float = 0.0
+    """Seconds the engine had been inside its current step (as last reported; 0: between)."""
     progress_s: float = 0.0
-    """time.monotonic() of the heartbeat that last showed `num_engine_steps` grown (or of the
-    registration): the engine made progress no later than this (coordinator/stall_watch.py)."""
+    """time.monotonic() of the heartbeat that last showed `num_engine_steps` grown or a step
+    running (else of the registration): when the engine was last seen at work
+    (coordinator/stall_watch.py)."""
     num_handles_lease_expired: int = 0
     """KV handles the worker freed because their lease ran out, ever (as last reported)."""
     is_draining: bool = False
@@ -162,9 +165,12 @@ class WorkerRegistry:
         if record is None:
             return False
         record.last_seen_s = time.monotonic()
-        if request.num_engine_steps != record.num_engine_steps:
+        # NOTE: a step that ran, or one running now (however long: the stall watch's hard
+        # bound still applies), is progress
+        if request.num_engine_steps != record.num_engine_steps or request.step_running_s > 0:
             record.progress_s = record.last_seen_s
-            record.num_engine_steps = request.num_engine_steps
+        record.num_engine_steps = request.num_engine_steps
+        record.step_running_s = request.step_running_s
         record.num_handles_lease_expired = request.num_handles_lease_expired
         record.free_kv_blocks = request.free_kv_blocks
         record.reserved_blocks = 0

@@ -8,23 +8,24 @@ CPU. Moving such a worker's healthy streams throws their KV away, loads the othe
 further, and under load ran requests out of their migrations.
 
 So every worker reports in its heartbeat how many engine steps that computed something it
-has completed (`num_engine_steps`), and the registry notes when that count last grew
+has completed (`num_engine_steps`), and how long it has been inside the step it runs now
+(`step_running_s`, 0 between steps: one long step is work too, which no count shows until
+it ends). The registry notes when a heartbeat last showed either
 (`WorkerRecord.progress_s`). The heartbeat is sent from the worker's asyncio thread while the
 engine steps on a thread of its own, so a heartbeat says the process lives, not that its
-engine moves: the step count says that. A stream silent for `stall_s`:
+engine moves: the step counter says that. A stream silent for `stall_s`:
 
-- whose worker's engine stepped within the last `stall_s` is busy: it is waited for;
-- whose worker's engine did not is hung, and is migrated at once, as before: a SIGSTOPped
-  process (no heartbeats at all) or a wedged engine (heartbeats, but a frozen step count);
+- whose worker's engine was at work within the last `stall_s` is busy: it is waited for;
+- whose worker's engine was not is hung, and is migrated at once, as before: a SIGSTOPped
+  process (no heartbeats at all) or a dead engine thread (heartbeats, a frozen step count,
+  no step running);
 - silent for `busy_factor * stall_s` (BUSY_STALL_FACTOR, 3: 30 s with the default 10 s
   stall timeout) is starved and migrated whatever its worker does: a live engine that
-  never serves this sequence. This bounds how long a busy worker may keep a stream silent
-  (the issue's per-stream progress deadline).
+  never serves this sequence, or one stuck inside a step. This bounds how long a busy
+  worker may keep a stream silent (the issue's per-stream progress deadline).
 
-Resolution: progress is seen when the heartbeat after the step arrives (every
-`heartbeat_interval_s`, 1 s by default), and a single engine step longer than `stall_s`
-reads as no progress; the stall timeout should exceed both (10 s against a 2048-token
-prefill step of the default model on one CPU thread).
+Resolution: progress is seen at the worker's next heartbeat (every `heartbeat_interval_s`,
+1 s by default), so the stall timeout should well exceed that interval.
 """
 
 from __future__ import annotations
@@ -73,9 +74,11 @@ class StallWatch:
         """Why a stream given up on was: its worker stalled, or kept it starved while busy."""
         silent_s = now_s - silent_since_s
         worker = self.registry.get(worker_id)
-        if worker is not None and now_s - worker.progress_s < self.stall_s:
-            return f"sent no token for {silent_s:.1f} s while its engine stepped (starved)"
-        return f"stalled (no token and no engine step for {silent_s:.1f} s)"
+        idle_s = None if worker is None else now_s - worker.progress_s
+        if idle_s is not None and idle_s < self.stall_s:
+            return f"sent no token for {silent_s:.1f} s while its engine worked (starved)"
+        idle = "" if idle_s is None else f", its engine idle for {idle_s:.1f} s"
+        return f"stalled (no token for {silent_s:.1f} s{idle})"
 
     async def next_event(
         self, read: asyncio.Future[T], lost: LostFlag, worker_id: str, silent_since_s: float

@@ -104,6 +104,7 @@ async def run(
             num_kv_frames_rejected=receiver.num_rejected if receiver else 0,
             cached_kv_blocks=engine.block_manager.num_cached_blocks,
             num_engine_steps=loop.num_busy_steps,
+            step_running_s=loop.step_running_s,
             num_handles_lease_expired=lease_expiries.num_freed,
         )
 

@@ -206,7 +206,7 @@ class RegisterResponse(_message.Message):
     def __init__(self, heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "load", "free_kv_blocks", "draining", "num_preemptions", "num_kv_frames_rejected", "cached_kv_blocks", "num_engine_steps", "num_handles_lease_expired")
+    __slots__ = ("worker_id", "load", "free_kv_blocks", "draining", "num_preemptions", "num_kv_frames_rejected", "cached_kv_blocks", "num_engine_steps", "num_handles_lease_expired", "step_running_s")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +216,7 @@ class HeartbeatRequest(_message.Message):
     CACHED_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_ENGINE_STEPS_FIELD_NUMBER: _ClassVar[int]
     NUM_HANDLES_LEASE_EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    STEP_RUNNING_S_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     load: int
     free_kv_blocks: int
@@ -225,7 +226,8 @@ class HeartbeatRequest(_message.Message):
     cached_kv_blocks: int
     num_engine_steps: int
     num_handles_lease_expired: int
-    def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., draining: bool = ..., num_preemptions: _Optional[int] = ..., num_kv_frames_rejected: _Optional[int] = ..., cached_kv_blocks: _Optional[int] = ..., num_engine_steps: _Optional[int] = ..., num_handles_lease_expired: _Optional[int] = ...) -> None: ...
+    step_running_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., draining: bool = ..., num_preemptions: _Optional[int] = ..., num_kv_frames_rejected: _Optional[int] = ..., cached_kv_blocks: _Optional[int] = ..., num_engine_steps: _Optional[int] = ..., num_handles_lease_expired: _Optional[int] = ..., step_running_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("known", "leased_handle_ids", "lease_s")

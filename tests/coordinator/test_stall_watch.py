@@ -75,6 +75,24 @@ def test_a_heartbeat_marks_progress_only_when_the_step_count_grows():
     assert after_6 > after_5
 
 
+def test_a_heartbeat_inside_a_long_step_marks_progress_though_the_count_stands():
+    async def scenario() -> list[float]:
+        registry = WorkerRegistry()
+        registry.register(pb.WorkerInfo(worker_id="d0", role="decode", address="127.0.0.1:1"))
+        seen = []
+        for step_running_s in (0.0, 0.0, 4.5, 0.0):
+            await asyncio.sleep(0.002)
+            beat = pb.HeartbeatRequest(
+                worker_id="d0", num_engine_steps=7, step_running_s=step_running_s
+            )
+            registry.heartbeat(beat)
+            seen.append(registry.get("d0").progress_s)
+        return seen
+
+    first, between, inside, after = asyncio.run(scenario())
+    assert between == first and inside > between and after == inside
+
+
 class PausingWorker(FakeWorker):
     """A decode worker busy for `pause_s` (prefilling in place, say) before its token number
     `pause_after + 1`: the stream is silent, then goes on."""

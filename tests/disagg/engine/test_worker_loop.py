@@ -150,3 +150,33 @@ def test_the_progress_counter_counts_steps_that_computed_and_not_those_without_r
         wait_until(lambda: all_free(loop))
     finally:
         loop.stop()
+
+
+def test_a_step_in_progress_reports_how_long_it_has_run():
+    loop = make_loop()
+    try:
+        real_decode, inside, release = (
+            loop.engine.runner.decode,
+            threading.Event(),
+            threading.Event(),
+        )
+
+        def slow_decode(seqs):
+            inside.set()
+            release.wait(10)
+            return real_decode(seqs)
+
+        loop.engine.runner.decode = slow_decode
+        seq, recorder = Sequence(random_prompts(1, [5])[0], GREEDY), Recorder()
+        assert loop.step_running_s == 0.0, "no step yet"
+        loop.submit(Admit(seq, recorder))
+        assert inside.wait(10)
+        wait_until(lambda: loop.step_running_s >= 0.05)  # one step, still running
+        num_busy_steps = loop.num_busy_steps
+        loop.engine.runner.decode = real_decode
+        release.set()
+        assert recorder.done.wait(10)
+        assert loop.num_busy_steps > num_busy_steps and loop.step_running_s == 0.0
+        wait_until(lambda: all_free(loop))
+    finally:
+        loop.stop()
