@@ -76,7 +76,8 @@ class StallWatch:
         worker = self.registry.get(worker_id)
         idle_s = None if worker is None else now_s - worker.progress_s
         if idle_s is not None and idle_s < self.stall_s:
-            return f"sent no token for {silent_s:.1f} s while its engine worked (starved)"
+            step = f", {worker.step_running_s:.1f} s into one step" if worker.step_running_s else ""
+            return f"sent no token for {silent_s:.1f} s while its engine worked{step} (starved)"
         idle = "" if idle_s is None else f", its engine idle for {idle_s:.1f} s"
         return f"stalled (no token for {silent_s:.1f} s{idle})"
 

@@ -26,7 +26,8 @@ BEAT_S = 0.03
 def watch_over(progress_s: float | None) -> StallWatch:
     """A watch over one worker "d0" whose engine last made progress at `progress_s` (None:
     the worker is not in the rotation)."""
-    record = None if progress_s is None else SimpleNamespace(progress_s=progress_s)
+    record = SimpleNamespace(progress_s=progress_s, step_running_s=0.0)
+    record = None if progress_s is None else record
     registry = SimpleNamespace(get=lambda worker_id: record if worker_id == "d0" else None)
     return StallWatch(registry, stall_s=10.0)
 
