@@ -22,35 +22,32 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
 
 import grpc
 
 from coordinator.admission import Admission
 from coordinator.client_deadline import call_timeout_s, within_deadline
+from coordinator.decode_stream import TokenUpdate, decode_tokens
 from coordinator.disagg_policy import observe_prefill, place_prefill
 from coordinator.errors import WorkerError
 from coordinator.migration import (
     DECODE_FAILED,
     PREFILL_FAILED,
-    STALL,
     Interrupted,
     LostFlag,
     LostWatch,
     WorkerFault,
-    close_quietly,
     first_of,
     is_worker_fault,
-    next_or_none,
     resumed_params,
 )
 from coordinator.prefix_routing import PrefixIndex
 from coordinator.registry import WorkerRecord, WorkerRegistry, keepalive_options
 from coordinator.request_timing import RequestTrace
+from coordinator.stall_watch import StallWatch
 from disagg import tracing
 from disagg.config import DispatchConfig
 from disagg.engine.sampling_params import SamplingParams
-from disagg.engine.sequence import TokenLogprob
 from disagg.kv.block_manager import initial_num_tokens
 from disagg.rpc import control_pb2 as pb
 from disagg.rpc.convert import optional_logprob, sampling_to_proto
@@ -62,15 +59,6 @@ log = logging.getLogger(__name__)
 FREEING_RETRY_S = 0.05
 """How soon to try again a worker that refused for lack of room while the registry counts
 room there: blocks given back are freed by its engine thread a moment after Free returns."""
-
-
-@dataclass
-class TokenUpdate:
-    token_id: int
-    time_s: float
-    """time.time() when the token was produced (by the decode step, for decode tokens)."""
-    logprob: TokenLogprob | None = None
-    finish_reason: str | None = None
 
 
 class ClusterScheduler:
@@ -87,6 +75,8 @@ class ClusterScheduler:
         registry.on_lost(self.prefix_index.forget)
         registry.channel_options = keepalive_options(config.keepalive_s)
         registry.set_handle_lease(config.handle_lease_s)
+        self.stall = StallWatch(registry, config.stall_timeout_s)
+        """When a silent decode stream is hung rather than its worker busy."""
 
     def check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Refuse (400) a request no registered decode worker could ever hold, checked against
@@ -239,7 +229,7 @@ class ClusterScheduler:
                     raise invalid_request(error, "prompt") from error
                 if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     log.warning("Allocate on %s failed: %s", worker.worker_id, error.code())
-                    self._drop_if_unreachable(worker, error)
+                    self.registry.drop_if_unreachable(worker, error)
                 elif worker.free_blocks_estimate >= reserved:
                     self.admission.notify_later(FREEING_RETRY_S)  # NOTE: see FREEING_RETRY_S
                 continue
@@ -330,7 +320,7 @@ class ClusterScheduler:
         except grpc.aio.AioRpcError as error:
             if not is_worker_fault(error):
                 raise invalid_request(error, "prompt") from error
-            self._drop_if_unreachable(prefill, error)
+            self.registry.drop_if_unreachable(prefill, error)
             # NOTE: a prefill that failed for its decode worker's loss is the decode's fault
             blamed = decode if self.registry.get(decode.worker_id) is None else prefill
             cause = DECODE_FAILED if blamed is decode else PREFILL_FAILED
@@ -351,7 +341,7 @@ class ClusterScheduler:
         logprob = optional_logprob(reply, "first_logprob", reply.first_token_id)
         return TokenUpdate(reply.first_token_id, now_s, logprob, reply.finish_reason or None)
 
-    async def _decode(
+    def _decode(
         self,
         decode: WorkerRecord,
         handle: pb.KVHandle,
@@ -359,50 +349,13 @@ class ClusterScheduler:
         trace: RequestTrace,
         decode_lost: LostFlag,
     ) -> AsyncIterator[TokenUpdate]:
-        """The decode stream's tokens; WorkerFault if it fails, ends unfinished, goes
-        `stall_timeout_s` without a token, or its worker leaves the rotation."""
+        """The decode stream's tokens (coordinator/decode_stream.py); WorkerFault if it fails,
+        stalls (coordinator/stall_watch.py) or its worker leaves the rotation."""
         request = pb.DecodeRequest(handle_id=handle.handle_id, first_token_id=first.token_id)
         timeout_s = call_timeout_s(self.config.decode_timeout_s, trace.deadline_s)
-        stream = decode.decode.Decode(request, timeout=timeout_s)
-        stall_s = self.config.stall_timeout_s
-        offset_s: float | None = None
-        events = aiter(stream)
-        try:
-            while True:
-                event = await first_of(next_or_none(events), [decode_lost], stall_s)
-                if event is None or not event.HasField("token_id"):
-                    reason = "end of stream" if event is None else event.finish_reason
-                    raise WorkerFault(
-                        DECODE_FAILED, decode.worker_id, f"decode on {decode.worker_id}: {reason}"
-                    )
-                if offset_s is None:  # NOTE: one clock: the first gap is ours end to end
-                    offset_s = time.time() - event.time_unix_s
-                trace.token_times_s.append(event.time_unix_s + offset_s)
-                logprob = optional_logprob(event, "logprob", event.token_id)
-                yield TokenUpdate(
-                    event.token_id, event.time_unix_s, logprob, event.finish_reason or None
-                )
-                if event.finish_reason:
-                    return
-        except Interrupted as stop:
-            cause, why = (DECODE_FAILED, "was lost") if stop.flag else (STALL, "stalled")
-            message = f"decode worker {decode.worker_id} {why}"
-            raise WorkerFault(cause, decode.worker_id, message) from None
-        except grpc.aio.UsageError:  # its channel closed: it left the rotation meanwhile
-            raise WorkerFault(DECODE_FAILED, decode.worker_id, "decode worker left") from None
-        except grpc.aio.AioRpcError as error:
-            self._drop_if_unreachable(decode, error)
-            raise WorkerFault(
-                DECODE_FAILED, decode.worker_id, f"decode on {decode.worker_id}: {error.details()}"
-            ) from error
-        finally:
-            stream.cancel()
-            await close_quietly(events)
-
-    def _drop_if_unreachable(self, worker: WorkerRecord, error: grpc.aio.AioRpcError) -> None:
-        """UNAVAILABLE: the worker is gone or cut off; out of rotation now, not a sweep later."""
-        if error.code() == grpc.StatusCode.UNAVAILABLE:
-            self.registry.drop(worker.worker_id, f"is unreachable ({error.details()})")
+        return decode_tokens(
+            self.registry, self.stall, decode, request, timeout_s, trace, decode_lost
+        )
 
     def _release_soon(
         self, decode: WorkerRecord, handle_id: str, reason: str, num_blocks: int

@@ -179,9 +179,24 @@ class _WorkerCounters:
             "KV messages a decode worker dropped for a missing or wrong MAC (forged or altered).",
             labels=["model", "worker"],
         )
+        lease_expired = CounterMetricFamily(
+            "disagg_kv_handles_lease_expired",
+            "KV handles a decode worker freed because their lease ran out (not renewed by "
+            "the coordinator: it restarted, or lost the request without a Free).",
+            labels=["model", "worker"],
+        )
+        steps = CounterMetricFamily(
+            "disagg_engine_steps",
+            "Engine steps that computed something: a worker's progress, which tells a busy "
+            "worker's silent stream from a hung one's.",
+            labels=["model", "worker", "role"],
+        )
         workers = self.metrics.workers
         for worker in workers.all() if workers is not None else ():
+            labels = [self.metrics.model, worker.worker_id]
+            steps.add_metric([*labels, worker.info.role], worker.num_engine_steps)
+            if worker.info.role in ("decode", "colocated"):
+                lease_expired.add_metric(labels, worker.num_handles_lease_expired)
             if worker.info.role == "decode":
-                labels = [self.metrics.model, worker.worker_id]
                 rejected.add_metric(labels, worker.num_kv_frames_rejected)
-        return [rejected]
+        return [rejected, lease_expired, steps]

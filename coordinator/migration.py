@@ -11,8 +11,9 @@ vLLM/Dynamo, but it covers the prefill phase as well.
 
 What counts as a fault (`is_worker_fault`): any gRPC error but INVALID_ARGUMENT (the
 request's own fault, which no other worker would accept either), a stream that ends or
-aborts without finishing, a stall (`stall_timeout_s` without a token), and the worker
-leaving the rotation (`LostWatch`).
+aborts without finishing, a stall (`stall_timeout_s` without a token on a worker whose
+engine makes no progress, or three times that on a busy one: coordinator/stall_watch.py),
+and the worker leaving the rotation (`LostWatch`).
 """
 
 from __future__ import annotations

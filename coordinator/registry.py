@@ -78,6 +78,16 @@ class WorkerRecord:
     """Sequences the worker preempted for KV blocks over its life (as last reported)."""
     num_kv_frames_rejected: int = 0
     """KV messages the worker dropped for a missing or wrong MAC (forged or altered), ever."""
+    num_engine_steps: int = 0
+    """Engine steps that computed something, ever (as last reported): its progress counter."""
+    step_running_s: float = 0.0
+    """Seconds the engine had been inside its current step (as last reported; 0: between)."""
+    progress_s: float = 0.0
+    """time.monotonic() of the heartbeat that last showed `num_engine_steps` grown or a step
+    running (else of the registration): when the engine was last seen at work
+    (coordinator/stall_watch.py)."""
+    num_handles_lease_expired: int = 0
+    """KV handles the worker freed because their lease ran out, ever (as last reported)."""
     is_draining: bool = False
     """The worker is finishing its sequences before it exits: place nothing new on it."""
     held_handle_ids: set[str] = field(default_factory=set)
@@ -152,8 +162,9 @@ class WorkerRegistry:
             options=self.channel_options,
             interceptors=[*self._channel_interceptors, *addressed_to(info.worker_id)],
         )
+        now_s = time.monotonic()
         self._workers[info.worker_id] = WorkerRecord(
-            info, channel, time.monotonic(), free_kv_blocks=info.total_kv_blocks
+            info, channel, now_s, free_kv_blocks=info.total_kv_blocks, progress_s=now_s
         )
         log.info("worker %s (%s) registered at %s", info.worker_id, info.role, info.address)
         self._changed()
@@ -164,6 +175,13 @@ class WorkerRegistry:
         if record is None:
             return False
         record.last_seen_s = time.monotonic()
+        # NOTE: a step that ran, or one running now (however long: the stall watch's hard
+        # bound still applies), is progress
+        if request.num_engine_steps != record.num_engine_steps or request.step_running_s > 0:
+            record.progress_s = record.last_seen_s
+        record.num_engine_steps = request.num_engine_steps
+        record.step_running_s = request.step_running_s
+        record.num_handles_lease_expired = request.num_handles_lease_expired
         record.free_kv_blocks = request.free_kv_blocks
         record.reserved_blocks = 0
         record.load = request.load
@@ -255,6 +273,11 @@ class WorkerRegistry:
         for listener in self._lost_listeners:
             listener(worker_id)
         return True
+
+    def drop_if_unreachable(self, worker: WorkerRecord, error: grpc.aio.AioRpcError) -> None:
+        """UNAVAILABLE: the worker is gone or cut off; out of rotation now, not a sweep later."""
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            self.drop(worker.worker_id, f"is unreachable ({error.details()})")
 
     async def run_sweeper(self) -> None:
         while True:

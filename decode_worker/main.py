@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from decode_worker.colocated import ColocatedPrefillService
-from decode_worker.kv_handles import HandleHooks, HandleTable
+from decode_worker.kv_handles import FreeReason, HandleHooks, HandleTable, KVHandle
 from decode_worker.kv_receive_spans import KVReceiveSpans
 from decode_worker.kv_socket_dir import make_socket_dir, remove_stale_socket_dirs
 from decode_worker.service import DecodeService, SettleWaiters
@@ -42,6 +42,19 @@ LEASE_SWEEP_S = 0.5
 """How often handles whose lease lapsed are looked for (leases last several seconds)."""
 
 
+class LeaseExpiries(HandleHooks):
+    """Counts the KV handles freed because their lease ran out: the coordinator that held
+    them stopped renewing (it restarted, or lost the request without a Free). Reported in
+    every heartbeat; the coordinator exports it per worker."""
+
+    def __init__(self) -> None:
+        self.num_freed = 0
+
+    def on_free(self, handle: KVHandle, reason: str) -> None:
+        if reason == FreeReason.LEASE_EXPIRED:
+            self.num_freed += 1
+
+
 async def run(
     engine_config: EngineConfig, config: WorkerConfig, decode: DecodeWorkerConfig
 ) -> None:
@@ -50,7 +63,8 @@ async def run(
     engine = LLMEngine(engine_config)
     role = "colocated" if decode.colocated else "decode"
     waiters = SettleWaiters()
-    hooks: list[HandleHooks] = [waiters]
+    lease_expiries = LeaseExpiries()
+    hooks: list[HandleHooks] = [waiters, lease_expiries]
     if tracing.setup(f"disagg-{role}-worker") and not decode.colocated:
         hooks.append(KVReceiveSpans())
     worker_id = resolved_id(config, role)
@@ -95,6 +109,9 @@ async def run(
             prefill_tokens_per_s=measured.prefill_tokens_per_s,
             decode_step_s=measured.decode_step_s,
             num_running_sequences=len(engine.scheduler.running),
+            num_engine_steps=loop.num_busy_steps,
+            step_running_s=loop.step_running_s,
+            num_handles_lease_expired=lease_expiries.num_freed,
         )
 
     def renew_leases(reply: pb.HeartbeatResponse) -> None:

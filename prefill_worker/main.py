@@ -44,6 +44,8 @@ async def run(engine_config: EngineConfig, config: WorkerConfig) -> None:
             free_kv_blocks=engine.block_manager.num_free_blocks,
             cached_kv_blocks=engine.block_manager.num_cached_blocks,
             prefill_tokens_per_s=rates.sample().prefill_tokens_per_s,
+            num_engine_steps=loop.num_busy_steps,
+            step_running_s=loop.step_running_s,
         )
 
     def on_stop() -> None:

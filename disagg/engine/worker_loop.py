@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -81,6 +82,12 @@ class EngineLoop:
         self.num_steps = 0
         """Steps run; with num_in_last_step, which step batch a listener's call is about."""
         self.num_in_last_step = 0
+        self.num_busy_steps = 0
+        """Steps that computed something (num_scheduled > 0), ever: the worker's progress
+        counter, reported in its heartbeat. A step that found no room for anything is not
+        counted, so an engine spinning on a full pool does not read as making progress."""
+        self._step_started_s = 0.0
+        """time.monotonic() when the step running now began; 0.0 between steps."""
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
@@ -88,6 +95,17 @@ class EngineLoop:
     def num_sequences(self) -> int:
         """Sequences in the engine that a listener waits on."""
         return len(self._listeners)
+
+    @property
+    def step_running_s(self) -> float:
+        """Seconds the engine has been inside the step it runs now; 0.0 between steps.
+
+        With num_busy_steps, the worker's progress as its heartbeat reports it: one long
+        step (a big in-place prefill on a slow CPU) is work, not a hang. Read from any
+        thread (one float, set by the engine thread).
+        """
+        started_s = self._step_started_s
+        return time.monotonic() - started_s if started_s else 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -111,8 +129,14 @@ class EngineLoop:
                 return
             is_idle = True
             if self.engine.has_unfinished:
-                output = self.engine.step(self._on_layer)
+                self._step_started_s = time.monotonic()
+                try:
+                    output = self.engine.step(self._on_layer)
+                finally:
+                    self._step_started_s = 0.0
                 self.num_steps, self.num_in_last_step = self.num_steps + 1, output.num_scheduled
+                if not output.is_idle:
+                    self.num_busy_steps += 1
                 self._dispatch(output)
                 is_idle = output.is_idle  # e.g. waiting for blocks: sleep until a Wake
 

@@ -206,7 +206,7 @@ class RegisterResponse(_message.Message):
     def __init__(self, heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "load", "free_kv_blocks", "draining", "num_preemptions", "num_kv_frames_rejected", "cached_kv_blocks", "prefill_tokens_per_s", "decode_step_s", "num_running_sequences")
+    __slots__ = ("worker_id", "load", "free_kv_blocks", "draining", "num_preemptions", "num_kv_frames_rejected", "cached_kv_blocks", "num_engine_steps", "num_handles_lease_expired", "step_running_s", "prefill_tokens_per_s", "decode_step_s", "num_running_sequences")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +214,9 @@ class HeartbeatRequest(_message.Message):
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_FRAMES_REJECTED_FIELD_NUMBER: _ClassVar[int]
     CACHED_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ENGINE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_HANDLES_LEASE_EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    STEP_RUNNING_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEP_S_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -224,10 +227,13 @@ class HeartbeatRequest(_message.Message):
     num_preemptions: int
     num_kv_frames_rejected: int
     cached_kv_blocks: int
+    num_engine_steps: int
+    num_handles_lease_expired: int
+    step_running_s: float
     prefill_tokens_per_s: float
     decode_step_s: float
     num_running_sequences: int
-    def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., draining: bool = ..., num_preemptions: _Optional[int] = ..., num_kv_frames_rejected: _Optional[int] = ..., cached_kv_blocks: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_step_s: _Optional[float] = ..., num_running_sequences: _Optional[int] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., draining: bool = ..., num_preemptions: _Optional[int] = ..., num_kv_frames_rejected: _Optional[int] = ..., cached_kv_blocks: _Optional[int] = ..., num_engine_steps: _Optional[int] = ..., num_handles_lease_expired: _Optional[int] = ..., step_running_s: _Optional[float] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_step_s: _Optional[float] = ..., num_running_sequences: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("known", "leased_handle_ids", "lease_s")

@@ -128,3 +128,55 @@ def test_a_prompt_waiting_for_blocks_runs_as_soon_as_a_wake_says_they_are_free()
         wait_until(lambda: all_free(loop))
     finally:
         loop.stop()
+
+
+def test_the_progress_counter_counts_steps_that_computed_and_not_those_without_room():
+    loop = make_loop(num_kv_blocks=8, tick_s=0.02)  # a step looks again every tick
+    try:
+        holder, first = Sequence([3] * 32, GREEDY, is_prefill_only=True), Recorder()
+        loop.submit(Admit(holder, first))
+        assert first.prefilled.wait(10)
+        assert loop.num_busy_steps == 1, "one prefill step"
+        waiting, second = Sequence([4] * 8, GREEDY, is_prefill_only=True), Recorder()
+        loop.submit(Admit(waiting, second))
+        num_steps = loop.num_steps
+        wait_until(lambda: loop.num_steps >= num_steps + 3)  # looking, finding no room
+        assert loop.num_busy_steps == 1, "a step without room is no progress"
+        loop.engine.block_manager.release(holder)
+        loop.submit(Wake())
+        assert second.prefilled.wait(10)
+        assert loop.num_busy_steps == 2
+        loop.engine.block_manager.release(waiting)
+        wait_until(lambda: all_free(loop))
+    finally:
+        loop.stop()
+
+
+def test_a_step_in_progress_reports_how_long_it_has_run():
+    loop = make_loop()
+    try:
+        real_decode, inside, release = (
+            loop.engine.runner.decode,
+            threading.Event(),
+            threading.Event(),
+        )
+
+        def slow_decode(seqs):
+            inside.set()
+            release.wait(10)
+            return real_decode(seqs)
+
+        loop.engine.runner.decode = slow_decode
+        seq, recorder = Sequence(random_prompts(1, [5])[0], GREEDY), Recorder()
+        assert loop.step_running_s == 0.0, "no step yet"
+        loop.submit(Admit(seq, recorder))
+        assert inside.wait(10)
+        wait_until(lambda: loop.step_running_s >= 0.05)  # one step, still running
+        num_busy_steps = loop.num_busy_steps
+        loop.engine.runner.decode = real_decode
+        release.set()
+        assert recorder.done.wait(10)
+        assert loop.num_busy_steps > num_busy_steps and loop.step_running_s == 0.0
+        wait_until(lambda: all_free(loop))
+    finally:
+        loop.stop()
