@@ -2,8 +2,8 @@
 
 A decode stream that gets no token for `stall_timeout_s` was taken for hung and its
 sequence migrated. But a worker can be busy without being hung: prefilling long prompts in
-place (no prefill worker left, or `--disagg-policy never|auto`; its engine runs prefill
-steps before decode steps, disagg/engine/scheduler.py), or stepping a big batch on a slow
+place (no prefill worker left, or `--disagg-policy never|auto`; its decode steps wait
+behind each prefill chunk, disagg/engine/scheduler.py), or stepping a big batch on a slow
 CPU. Moving such a worker's healthy streams throws their KV away, loads the other workers
 further, and under load ran requests out of their migrations.
 

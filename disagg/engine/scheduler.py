@@ -11,9 +11,9 @@ Algorithm: a step is either a prefill step or a decode step.
   decode step keeps its kernels, and its tokens, whatever arrives). A sequence
   gets the blocks for all its tokens when its first chunk is scheduled, and only
   if the block manager's watermark stays free afterwards (room for the running
-  ones to grow), so a half-prefilled prompt never waits for blocks that decoding took meanwhile.
-  A prompt longer than the remaining budget is cut into chunks; the rest waits
-  at the head of the queue for the next step.
+  ones to grow), so a half-prefilled prompt never waits for blocks that decoding
+  took meanwhile. A prompt longer than the remaining budget is cut into chunks;
+  the rest waits at the head of the queue for the next step.
 - Otherwise every running sequence decodes one token, growing by one block when
   its last one is full. A sequence that needs a block when none is free preempts
   the youngest running one (latest arrival), whose blocks are freed and which
