@@ -64,10 +64,38 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D]; cos, sin: [T, D]."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
+@dataclass
+class RopeTables:
+    """One step's RoPE factors, shaped once for every layer.
+
+    `rotate_half(x) * sin` equals `roll(x, D/2) * signed_sin`, where signed_sin
+    is sin with its first half negated: negation is exact, so the products, and
+    the rotated Q/K, are bit for bit transformers', in two fewer operators.
+    """
+
+    cos: torch.Tensor
+    """[T, 1, D]"""
+    sin: torch.Tensor
+    """[T, 1, D]"""
+    signed_sin: torch.Tensor
+    """[T, 1, D]"""
+
+    @classmethod
+    def build(cls, cos: torch.Tensor, sin: torch.Tensor) -> RopeTables:
+        """cos, sin: [T, D] as the model's rotary embedding returns them."""
+        half = sin.shape[-1] // 2
+        signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        return cls(cos.unsqueeze(1), sin.unsqueeze(1), signed_sin.unsqueeze(1))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H, D], any heads (Q and K together) -> rotated, [T, H, D]."""
+        half = x.shape[-1] // 2
+        rolled = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+        return x * self.cos + rolled * self.signed_sin
+
+    def apply_unfused(self, x: torch.Tensor) -> torch.Tensor:
+        """As transformers writes it (the measured baseline): x: [T, H, D]."""
+        return x * self.cos + rotate_half(x) * self.sin
 
 
 class LlamaModel:
@@ -138,10 +166,10 @@ class LlamaModel:
         """
         hidden = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
         cos, sin = self.rotary(hidden, positions.unsqueeze(0))  # [1, T, D] each
-        cos, sin = cos[0], sin[0]
+        rope = RopeTables.build(cos[0], sin[0])
         for index, layer in enumerate(self.layers):
             normed = rms_norm(hidden, layer.input_norm, self.eps)
-            hidden = hidden + self._attention(index, layer, normed, cos, sin, meta, kv_cache)
+            hidden = hidden + self._attention(index, layer, normed, rope, meta, kv_cache)
             normed = rms_norm(hidden, layer.post_norm, self.eps)
             hidden = hidden + self._mlp(layer, normed)
             if on_layer is not None:
@@ -163,17 +191,12 @@ class LlamaModel:
         index: int,
         layer: LayerWeights,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: RopeTables,
         meta: AttentionMetadata,
         kv_cache: PagedKVCache,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = layer.qkv_proj(x)
-        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
-        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self._rotated_qkv(layer, x, rope)
         kv_cache.write(index, meta.slot_mapping, k, v)
         if meta.is_decode:
             out = decode_attention(
@@ -187,6 +210,28 @@ class LlamaModel:
         else:
             out = self._prefill_attention(index, q, k, v, meta, kv_cache)
         return layer.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+    def _rotated_qkv(
+        self, layer: LayerWeights, x: torch.Tensor, rope: RopeTables
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [T, hidden] -> q [T, Hq, D], k and v [T, Hkv, D]; q and k rotated.
+
+        Fused: Q and K are adjacent columns of one matmul's output, so they are
+        rotated as one [T, Hq + Hkv, D] tensor (q, k are views of it).
+        """
+        num_tokens, head_dim = x.shape[0], self.head_dim
+        if layer.qkv_proj.fused:
+            num_qk_heads = self.num_heads + self.num_kv_heads
+            qkv = layer.qkv_proj.matmul(x)  # [T, (Hq + 2 Hkv) D]
+            qk = qkv[:, : num_qk_heads * head_dim].view(num_tokens, num_qk_heads, head_dim)
+            qk = rope.apply(qk)
+            v = qkv[:, num_qk_heads * head_dim :].view(num_tokens, self.num_kv_heads, head_dim)
+            return qk[:, : self.num_heads], qk[:, self.num_heads :], v
+        q, k, v = layer.qkv_proj(x)
+        q = q.reshape(num_tokens, self.num_heads, head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, head_dim)
+        v = v.reshape(num_tokens, self.num_kv_heads, head_dim)
+        return rope.apply_unfused(q), rope.apply_unfused(k), v
 
     def _prefill_attention(
         self,

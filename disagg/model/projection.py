@@ -99,12 +99,13 @@ class Projection:
         """x: [T, in] -> [T, out] for one linear, else a tuple of [T, out_i] views."""
         if not self.fused:
             return tuple(F.linear(x, weight, bias) for weight, bias in self.parts)
-        out = self._matmul(x)
+        out = self.matmul(x)
         if len(self.split_sizes) == 1:
             return out
         return out.split(self.split_sizes, dim=-1)
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, in] -> [T, out], the fused output before any split."""
         if self.weight_t is not None and x.shape[0] <= GEMV_MAX_ROWS:
             if self.bias is None:
                 return torch.mm(x, self.weight_t)
