@@ -43,9 +43,14 @@ class FakeContext:
         raise RpcAborted(code, details, dict(trailing_metadata))
 
 
-def tiny_engine(num_kv_blocks: int = 256, prefix_caching: bool = True) -> LLMEngine:
+def tiny_engine(
+    num_kv_blocks: int = 256, prefix_caching: bool = True, max_num_batched_tokens: int = 256
+) -> LLMEngine:
     config = EngineConfig(
-        block_size=BLOCK_SIZE, num_kv_blocks=num_kv_blocks, no_prefix_caching=not prefix_caching
+        block_size=BLOCK_SIZE,
+        num_kv_blocks=num_kv_blocks,
+        no_prefix_caching=not prefix_caching,
+        max_num_batched_tokens=max_num_batched_tokens,
     )
     return LLMEngine(config, loaded=tiny_loaded())
 
@@ -141,9 +146,11 @@ def colocated_prefill(side: DecodeSide) -> ColocatedPrefillService:
 
 @contextlib.asynccontextmanager
 async def prefill_side(
-    send_timeout_s: float = 30.0, prefix_caching: bool = True
+    send_timeout_s: float = 30.0, prefix_caching: bool = True, max_num_batched_tokens: int = 256
 ) -> AsyncIterator[PrefillSide]:
-    engine = tiny_engine(prefix_caching=prefix_caching)
+    engine = tiny_engine(
+        prefix_caching=prefix_caching, max_num_batched_tokens=max_num_batched_tokens
+    )
     sender = KVSender(send_timeout_s=send_timeout_s, linger_s=0)
     completions = SendCompletions().start()
     loop = EngineLoop(engine, tick_s=0.05)

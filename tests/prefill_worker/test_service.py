@@ -47,13 +47,16 @@ def test_prefill_ships_kv_that_decodes_to_the_reference_tokens(tmp_path: Path):
 
 def test_a_receiver_that_never_reads_does_not_block_another_prefill(tmp_path: Path):
     """KV send completion waits off the engine thread: a stuck handle stalls only itself."""
-    # 640 tokens x 2 kv heads x 16 dims x 4 bytes = 80 KiB a layer: sent zero-copy, so the
-    # frames of a handle whose endpoint nobody reads never complete.
+    # 640 tokens x 2 kv heads x 16 dims x 4 bytes = 80 KiB a layer, computed in one step:
+    # sent zero-copy, so the frames of a handle whose endpoint nobody reads never complete.
     stuck_prompt = random_prompts(1, [640], seed=4)[0]
     prompt = random_prompts(1, [12], seed=5)[0]
 
     async def scenario() -> None:
-        async with decode_side(tmp_path) as decode, prefill_side(send_timeout_s=3.0) as prefill:
+        async with (
+            decode_side(tmp_path) as decode,
+            prefill_side(send_timeout_s=3.0, max_num_batched_tokens=1024) as prefill,
+        ):
             stuck_handle = await decode.allocate(stuck_prompt, GREEDY)
             stuck_handle.zmq_endpoint = f"ipc://{tmp_path}/nobody-reads-here.sock"
             stuck = asyncio.create_task(prefill.prefill(stuck_prompt, GREEDY, stuck_handle))
