@@ -255,7 +255,7 @@ def run_target(plan: RunPlan, target: Target, is_progress_shown: bool = False) -
     if plan.duration_s is not None and len(records) == plan.repeats * len(plan.workload):
         warnings.append(
             f"all {len(plan.workload)} requests went out within --duration {plan.duration_s:g} s:"
-            " raise --num-requests to fill it"
+            " raise --num-requests (multi-turn: --num-conversations) to fill it"
         )
     return TargetResult(target, records, summary, cpu_percent, warnings, deltas, counts)
 
