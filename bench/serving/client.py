@@ -55,12 +55,16 @@ class RequestOptions:
 
 
 def request_body(
-    request: WorkloadRequest, options: RequestOptions, extra: dict | None = None
+    request: WorkloadRequest,
+    options: RequestOptions,
+    extra: dict | None = None,
+    messages: list[dict] | None = None,
 ) -> bytes:
     """The JSON body, built before the run so the hot path never serializes.
 
     `extra` is merged in last, for a server that spells a field its own way; a
     key set to None is left out (e.g. `ignore_eos` for a server that rejects it).
+    `messages` replace the single user message of a chat body (a conversation's turn).
     """
     body: dict = {
         "model": options.model,
@@ -72,7 +76,7 @@ def request_body(
     if options.is_ignore_eos:
         body["ignore_eos"] = True
     if options.api == "chat":
-        body["messages"] = [{"role": "user", "content": request.prompt}]
+        body["messages"] = messages or [{"role": "user", "content": request.prompt}]
     else:
         body["prompt"] = request.prompt
     if is_constrained(request.index, options.json_schema_fraction):
@@ -121,8 +125,12 @@ async def send(
     record: RequestRecord,
     start_ns: int,
     timeout_s: float,
+    is_reply_kept: bool = False,
 ) -> RequestRecord:
-    """Send one request and fill `record`; never raises for request-level failures."""
+    """Send one request and fill `record`; never raises for request-level failures.
+
+    is_reply_kept: store the generated text in `record.reply` (a conversation resends it).
+    """
     read_ns: list[int] = []
     reads: list[bytes] = []
     record.sent_ns = time.perf_counter_ns() - start_ns
@@ -132,12 +140,17 @@ async def send(
         record.error = classify(error, record.status)
         record.error_detail = f"{type(error).__name__}: {error}"[:300]
     record.end_ns = time.perf_counter_ns() - start_ns
-    _fill_from_stream(record, [t - start_ns for t in read_ns], reads)
+    _fill_from_stream(record, [t - start_ns for t in read_ns], reads, is_reply_kept)
     return record
 
 
-def _fill_from_stream(record: RequestRecord, read_ns: list[int], reads: list[bytes]) -> None:
+def _fill_from_stream(
+    record: RequestRecord, read_ns: list[int], reads: list[bytes], is_reply_kept: bool
+) -> None:
     parsed = parse_stream(read_ns, reads)
+    record.cached_tokens = parsed.cached_tokens
+    if is_reply_kept:
+        record.reply = parsed.text
     record.chunk_ns = parsed.chunk_ns
     record.chunk_tokens = parsed.chunk_tokens
     record.prompt_tokens = parsed.prompt_tokens

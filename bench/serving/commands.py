@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.serving.client import APIS, RequestOptions
+from bench.serving.conversation import MultiTurnConfig, build_conversations
 from bench.serving.datasets import (
     LengthFilter,
     SharedPrefixConfig,
@@ -29,13 +30,14 @@ from bench.serving.runner import (
     with_extra_bodies,
 )
 from bench.serving.schedule import LoadSpec, Schedule, build_schedule, parse_load, within
-from bench.serving.slo import parse_slo
+from bench.serving.slo import SLO, parse_slo
 from bench.serving.structured import load_schema
 from bench.serving.table import print_table
 from bench.serving.workload import SyntheticConfig, WorkloadRequest, build_synthetic
 
-WORKLOADS = ("synthetic", "sharegpt", "shared-prefix", "trace")
+WORKLOADS = ("synthetic", "sharegpt", "shared-prefix", "trace", "multi-turn")
 DEFAULT_NUM_REQUESTS = 100
+DEFAULT_NUM_CONVERSATIONS = 8
 DEFAULT_DURATION_CAP = 1000
 
 
@@ -60,11 +62,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input-len",
         default="fixed:128",
-        help="fixed:L, uniform:lo:hi, ... (shared-prefix: suffix)",
+        help="fixed:L, uniform:lo:hi, ... (shared-prefix: suffix; multi-turn: each user message)",
     )
     parser.add_argument("--output-len", default="fixed:64", help="same forms as --input-len")
     parser.add_argument(
-        "--load", default="poisson:1", help="poisson:R[,burst=k], constant:R, closed:C"
+        "--load",
+        default="poisson:1",
+        help="poisson:R[,burst=k], constant:R, closed:C (multi-turn: R conversations/s, or C "
+        "conversations at once)",
     )
     add_dataset_arguments(parser)
     parser.add_argument("--max-inflight", type=int, default=None, help="cap on requests in flight")
@@ -82,7 +87,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--repeats", type=int, default=1, help="passes per target; >1 adds bootstrap 95%% CIs"
     )
     parser.add_argument(
-        "--warmup", type=int, default=0, help="extra leading requests, not measured"
+        "--warmup",
+        type=int,
+        default=0,
+        help="extra leading requests (multi-turn: conversations), not measured",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slo", default=None, help='e.g. "ttft<=2s,tpot<=200ms"')
@@ -136,6 +144,28 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts-per-group", type=int, default=8, help="shared-prefix: P prompts")
     parser.add_argument("--prefix-len", type=int, default=256, help="shared-prefix: prefix tokens")
     parser.add_argument("--time-scale", type=float, default=1.0, help="trace: send at t * scale")
+    parser.add_argument(
+        "--num-conversations",
+        type=int,
+        default=DEFAULT_NUM_CONVERSATIONS,
+        help="multi-turn: measured conversations (instead of --num-requests)",
+    )
+    parser.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation")
+    parser.add_argument(
+        "--system-prompt-len", type=int, default=256, help="multi-turn: system prompt tokens"
+    )
+    parser.add_argument(
+        "--system-prompts",
+        type=int,
+        default=1,
+        help="multi-turn: distinct system prompts, shared round-robin by the conversations",
+    )
+    parser.add_argument(
+        "--think-time",
+        type=float,
+        default=0.0,
+        help="multi-turn: seconds between an answer and the conversation's next turn",
+    )
 
 
 def length_filter(args: argparse.Namespace) -> LengthFilter:
@@ -183,23 +213,17 @@ def build_plan(args: argparse.Namespace) -> tuple[RunPlan, list]:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.duration is not None and args.duration <= 0:
         raise ValueError(f"--duration must be > 0 seconds, got {args.duration}")
+    parse_length(args.input_len), parse_length(args.output_len)  # fail before the tokenizer loads
+    load = parse_load(args.load)
+    slo = parse_slo(args.slo)
+    options = request_options(args)
+    if args.workload == "multi-turn":
+        return multi_turn_plan(args, load, options, slo), targets
     default = DEFAULT_NUM_REQUESTS if args.duration is None else DEFAULT_DURATION_CAP
     measured = default if args.num_requests is None else args.num_requests
     if measured < 1:
         raise ValueError(f"--num-requests must be >= 1, got {measured}")
     num_requests = measured + args.warmup
-    parse_length(args.input_len), parse_length(args.output_len)  # fail before the tokenizer loads
-    load = parse_load(args.load)
-    slo = parse_slo(args.slo)
-    options = RequestOptions(
-        args.model,
-        args.api,
-        args.ignore_eos,
-        args.temperature,
-        args.timeout,
-        args.json_schema_fraction,
-        load_schema(args.json_schema),
-    )
     schedule = build_schedule(load, num_requests, args.seed, args.max_inflight)
     workload, trace_offsets_s = build_workload(args, num_requests)
     if trace_offsets_s is not None:
@@ -211,9 +235,57 @@ def build_plan(args: argparse.Namespace) -> tuple[RunPlan, list]:
     return plan, targets
 
 
+def request_options(args: argparse.Namespace) -> RequestOptions:
+    return RequestOptions(
+        args.model,
+        args.api,
+        args.ignore_eos,
+        args.temperature,
+        args.timeout,
+        args.json_schema_fraction,
+        load_schema(args.json_schema),
+    )
+
+
+def multi_turn_plan(
+    args: argparse.Namespace, load: LoadSpec, options: RequestOptions, slo: SLO
+) -> RunPlan:
+    """Conversations of `--turns` turns; the schedule times conversations, and --warmup
+    counts whole conversations (bench/serving/conversation.py)."""
+    if args.num_requests is not None:
+        raise ValueError("--workload multi-turn counts --num-conversations, not --num-requests")
+    if args.num_conversations < 1:
+        raise ValueError(f"--num-conversations must be >= 1, got {args.num_conversations}")
+    if args.think_time < 0:
+        raise ValueError(f"--think-time must be >= 0 seconds, got {args.think_time}")
+    config = MultiTurnConfig(
+        args.num_conversations + args.warmup,
+        args.turns,
+        args.system_prompt_len,
+        args.system_prompts,
+        parse_length(args.input_len),
+        parse_length(args.output_len),
+    )
+    schedule = build_schedule(load, config.num_conversations, args.seed, args.max_inflight)
+    tokenizer = load_tokenizer(args.tokenizer)
+    workload, conversations = build_conversations(config, tokenizer, args.seed)
+    return RunPlan(
+        tuple(workload),
+        within(schedule, args.duration),
+        options,
+        args.warmup * config.num_turns,
+        slo,
+        args.repeats,
+        args.duration,
+        tuple(conversations),
+        args.think_time,
+    )
+
+
 def with_load(plan: RunPlan, load: LoadSpec, args: argparse.Namespace) -> RunPlan:
     """The same workload on another load: sweep points and search probes differ only here."""
-    schedule = build_schedule(load, len(plan.workload), args.seed, args.max_inflight)
+    num_sends = len(plan.conversations) or len(plan.workload)  # multi-turn: conversation starts
+    schedule = build_schedule(load, num_sends, args.seed, args.max_inflight)
     return replace(plan, schedule=within(schedule, plan.duration_s))
 
 

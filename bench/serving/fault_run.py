@@ -13,9 +13,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.serving.faults import FaultEvent, FaultInjector, FaultSpec, write_events
-from bench.serving.runner import RunPlan, Target, TargetResult, run_target, write_result
+from bench.serving.runner import (
+    RunPlan,
+    Target,
+    TargetResult,
+    run_target,
+    write_inputs,
+    write_result,
+)
 from bench.serving.stats import summarize
-from bench.serving.workload import write_workload
 
 FAULTS_SUFFIX = "-faults"
 
@@ -29,8 +35,7 @@ def run_with_faults(
     is_progress_shown: bool = False,
 ) -> list[tuple[TargetResult, TargetResult, list[FaultEvent]]]:
     """(undisturbed, faulted, fault events) per target, each written under `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_workload(out_dir / "workload.jsonl", list(plan.workload))
+    write_inputs(out_dir, plan)
     rows = []
     for target in targets:
         baseline = run_target(plan, target, is_progress_shown)

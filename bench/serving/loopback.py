@@ -82,7 +82,7 @@ def _sse(payload: dict | str) -> str:
 async def _events(
     config: LoopbackConfig, api: str, body: dict, flags: dict, prefill: asyncio.Lock
 ) -> AsyncIterator[str]:
-    prompt = body.get("prompt") or body["messages"][-1]["content"]
+    prompt = body.get("prompt") or "\n\n".join(m["content"] for m in body["messages"])
     usage = {"prompt_tokens": config.prompt_counter(prompt), "completion_tokens": 0}
     per_chunk, num_tokens = flags.get("chunk", 1), int(body.get("max_tokens", 16))
     if api == "chat":

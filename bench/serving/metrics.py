@@ -16,6 +16,10 @@ Per request (all from the client's perf_counter_ns):
   RPCs, waiting for a prefill batch: the server's TTFT minus those three) and network
   (the client's TTFT minus the server's: HTTP, parsing, the stream's first flush).
   The phases of a request add up to its TTFT, so their means add up to the mean TTFT.
+- prefix_reuse: the share of prompt tokens the server found in its prefix cache,
+  sum(usage.prompt_tokens_details.cached_tokens) / sum(usage.prompt_tokens) over the
+  successful requests whose server reports both (token-weighted, as a hit rate is).
+- turns (multi-turn workloads): per turn number, from 1, its TTFT and prefix reuse.
 When the server does not stream usage, chunks count 1 token each and their weights are
 rescaled so they sum to the final `usage.completion_tokens`.
 """
@@ -124,6 +128,35 @@ def ttft_breakdown(records: list[RequestRecord]) -> dict | None:
     return {name: summarize([row[name] for row in rows if name in row]) for name in names}
 
 
+def prefix_reuse(records: list[RequestRecord]) -> float | None:
+    """Cached over prompt tokens (see the module docstring); None when no server reports it."""
+    pairs = [
+        (r.cached_tokens, r.prompt_tokens)
+        for r in records
+        if r.is_ok and r.cached_tokens is not None and r.prompt_tokens
+    ]
+    if not pairs:
+        return None
+    return sum(cached for cached, _ in pairs) / sum(prompt for _, prompt in pairs)
+
+
+def turn_summaries(records: list[RequestRecord]) -> dict | None:
+    """{turn number from 1, as a string (a JSON key): {num_ok, ttft_ms, prefix_reuse}}, for a
+    multi-turn run; None for single requests."""
+    turns = sorted({r.turn for r in records if r.turn is not None})
+    if not turns:
+        return None
+    summaries = {}
+    for turn in turns:
+        ok = [r for r in records if r.turn == turn and r.is_ok and r.chunk_ns]
+        summaries[str(turn + 1)] = {
+            "num_ok": len(ok),
+            "ttft_ms": summarize([(r.chunk_ns[0] - r.sent_ns) / NS_PER_MS for r in ok]),
+            "prefix_reuse": prefix_reuse(ok),
+        }
+    return summaries
+
+
 def measured(records: list[RequestRecord]) -> list[RequestRecord]:
     """The records that count: warm-up requests are left out of every metric."""
     return [r for r in records if not r.is_warmup]
@@ -207,8 +240,9 @@ def token_checks(records: list[RequestRecord]) -> dict:
     """Counts that reveal drifting token counts between workload, client and server."""
     ok = [r for r in records if r.is_ok]
     return {
-        "prompt_token_mismatches": sum(
-            r.prompt_tokens is not None and r.prompt_tokens != r.input_len for r in ok
+        "prompt_token_mismatches": sum(  # a turn's prompt depends on the replies
+            r.turn is None and r.prompt_tokens is not None and r.prompt_tokens != r.input_len
+            for r in ok
         ),
         "output_token_mismatches": sum(r.num_output_tokens != r.output_len for r in ok),
         "chunk_count_corrections": sum(
@@ -240,6 +274,8 @@ def summarize_run(records: list[RequestRecord], slo: SLO) -> dict:
         **latency_summaries(per_request),
         **token_checks(counted),
         "ttft_breakdown_ms": ttft_breakdown(counted),
+        "prefix_reuse": prefix_reuse(counted),
+        "turns": turn_summaries(counted),
         "ci95": confidence_intervals(
             per_pass,
             [duration_s(p) for p in passes],

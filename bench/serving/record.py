@@ -27,7 +27,8 @@ class RequestRecord:
     index: int
     """Position in workload.jsonl."""
     input_len: int
-    """Prompt tokens the workload asked for."""
+    """Prompt tokens the workload asked for (a conversation's turn: its new user message only;
+    the whole prompt depends on the replies, see prompt_tokens)."""
     output_len: int
     """`max_tokens` sent."""
     is_warmup: bool = False
@@ -64,6 +65,15 @@ class RequestRecord:
     ttft_s, first_decode_gap_s), when it streams them; None for other servers."""
     repeat: int = 0
     """Which of the run's `--repeats` passes sent it."""
+    cached_tokens: int | None = None
+    """`usage.prompt_tokens_details.cached_tokens`: prompt tokens found in the server's prefix
+    cache (not computed again); None when the server reports none."""
+    conversation: int | None = None
+    """Multi-turn workloads: the conversation it belongs to; None otherwise."""
+    turn: int | None = None
+    """Multi-turn workloads: its turn in the conversation, from 0; None otherwise."""
+    reply: str | None = None
+    """Multi-turn workloads: the generated text, which the next turn resends."""
 
     @property
     def is_ok(self) -> bool:

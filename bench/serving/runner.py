@@ -8,6 +8,7 @@ compete for the client or the machine.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -17,6 +18,8 @@ from pathlib import Path
 import httpx
 
 from bench.serving.client import APIS, RequestOptions, request_body, send
+from bench.serving.conversation import Conversation, turn_body, write_conversations
+from bench.serving.conversation_driver import drive_conversations
 from bench.serving.environment import environment
 from bench.serving.metrics import summarize_run
 from bench.serving.progress import show_progress
@@ -70,6 +73,11 @@ class RunPlan:
     duration_s: float | None = None
     """Closed loops: users stop taking new requests after this long (open loops are cut
     to it when the schedule is built)."""
+    conversations: tuple[Conversation, ...] = ()
+    """Multi-turn workloads: the conversations whose turns the workload's requests are; the
+    schedule then times conversations, not requests (bench/serving/conversation_driver.py)."""
+    think_time_s: float = 0.0
+    """Multi-turn workloads: the pause between an answer and its conversation's next turn."""
 
 
 @dataclass
@@ -154,21 +162,29 @@ async def _send(plan, url, body, record, client, start_ns, inflight) -> None:
 
 
 async def drive(
-    plan: RunPlan, url: str, bodies: list[bytes], progress_label: str | None = None, repeat: int = 0
+    plan: RunPlan, url: str, bodies, progress_label: str | None = None, repeat: int = 0
 ) -> list[RequestRecord]:
-    """Send the workload to `url` on the plan's schedule; a record per request that went out."""
+    """Send the workload to `url` on the plan's schedule; a record per request that went out.
+
+    bodies: one per request, or for a multi-turn plan a `TurnBody` that builds each turn's.
+    """
     records = [
         RequestRecord(
             r.index, r.input_len, r.output_len, is_warmup=r.index < plan.num_warmup, repeat=repeat
         )
         for r in plan.workload
     ]
+    for conversation in plan.conversations:
+        for turn, index in enumerate(conversation.request_indices):
+            records[index].conversation, records[index].turn = conversation.index, turn
     cap = plan.schedule.max_inflight
     inflight = asyncio.Semaphore(cap) if cap else None
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     endpoint = url + APIS[plan.options.api]
     async with httpx.AsyncClient(timeout=plan.options.timeout_s, limits=limits) as client:
         loop = _open_loop if plan.schedule.offsets_s is not None else _closed_loop
+        if plan.conversations:
+            loop = drive_conversations
         start_ns = time.perf_counter_ns()
         progress = (
             asyncio.create_task(show_progress(records, start_ns, progress_label))
@@ -218,7 +234,12 @@ def run_target(plan: RunPlan, target: Target, is_progress_shown: bool = False) -
     """Every pass of the workload against one target, between two scrapes of its /metrics."""
     model = plan.options.model or discover_model(target.url) or "default"
     options = replace(plan.options, model=model)
-    bodies = [request_body(r, options, target.extra_body) for r in plan.workload]
+    if plan.conversations:
+        bodies = functools.partial(
+            turn_body, workload=plan.workload, options=options, extra=target.extra_body
+        )
+    else:
+        bodies = [request_body(r, options, target.extra_body) for r in plan.workload]
     before = scrape(target.url)
     records: list[RequestRecord] = []
     wall_start, cpu_start = time.perf_counter(), time.process_time()
@@ -234,7 +255,7 @@ def run_target(plan: RunPlan, target: Target, is_progress_shown: bool = False) -
     if plan.duration_s is not None and len(records) == plan.repeats * len(plan.workload):
         warnings.append(
             f"all {len(plan.workload)} requests went out within --duration {plan.duration_s:g} s:"
-            " raise --num-requests to fill it"
+            " raise --num-requests (multi-turn: --num-conversations) to fill it"
         )
     return TargetResult(target, records, summary, cpu_percent, warnings, deltas, counts)
 
@@ -258,6 +279,14 @@ def write_result(out_dir: Path, result: TargetResult, config: dict) -> Path:
     return target_dir
 
 
+def write_inputs(out_dir: Path, plan: RunPlan) -> None:
+    """workload.jsonl, and conversations.jsonl for a multi-turn plan."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_workload(out_dir / "workload.jsonl", list(plan.workload))
+    if plan.conversations:
+        write_conversations(out_dir / "conversations.jsonl", list(plan.conversations))
+
+
 def run_all(
     plan: RunPlan,
     targets: list[Target],
@@ -267,8 +296,7 @@ def run_all(
     is_progress_shown: bool = False,
 ) -> list[TargetResult]:
     """Write the workload, then run and write each target in turn."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_workload(out_dir / "workload.jsonl", list(plan.workload))
+    write_inputs(out_dir, plan)
     results = []
     for target in targets:
         result = run_target(plan, target, is_progress_shown)

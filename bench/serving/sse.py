@@ -20,6 +20,11 @@ class ParsedStream:
     chunk_tokens: list[int] = field(default_factory=list)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    """`usage.prompt_tokens_details.cached_tokens`: prompt tokens the server found in a prefix
+    cache; None when it reports none."""
+    text: str = ""
+    """The generated text, every choice's pieces in arrival order."""
     is_usage_streamed: bool = False
     server_timings: dict | None = None
     """The server's own account of the request (`metrics` in disagg's final chunk)."""
@@ -92,9 +97,14 @@ def _add_chunk(parsed: ParsedStream, t_ns: int, chunk: dict) -> None:
     choices = chunk.get("choices") or []
     parsed.is_finished |= any(isinstance(c, dict) and c.get("finish_reason") for c in choices)
     usage = chunk.get("usage") or {}
-    has_text = bool(chunk_text(chunk))
+    text = chunk_text(chunk)
+    parsed.text += text
+    has_text = bool(text)
     if usage:
         parsed.prompt_tokens = usage.get("prompt_tokens", parsed.prompt_tokens)
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict) and details.get("cached_tokens") is not None:
+            parsed.cached_tokens = details["cached_tokens"]
         completion = usage.get("completion_tokens")
         is_per_chunk = parsed.is_usage_streamed or not parsed.chunk_ns
         if completion is not None and choices and is_per_chunk:

@@ -28,6 +28,7 @@ ROWS: tuple[tuple[str, str, str | None, str], ...] = (
     ("TTFT sched p99 (ms)", "ttft_sched_ms", "p99", "{:.1f}"),
     ("TTFT sent p50 (ms)", "ttft_ms", "p50", "{:.1f}"),
     ("TTFT sent p99 (ms)", "ttft_ms", "p99", "{:.1f}"),
+    ("prefix reuse (cached/prompt)", "prefix_reuse", None, "{:.1%}"),
     ("TPOT mean (ms)", "tpot_ms", "mean", "{:.2f}"),
     ("TPOT p99 (ms)", "tpot_ms", "p99", "{:.2f}"),
     ("ITL p50 (ms)", "itl_ms", "p50", "{:.2f}"),
@@ -52,6 +53,19 @@ ROWS: tuple[tuple[str, str, str | None, str], ...] = (
         "{:.2f}",
     ),
 )
+
+
+def turn_rows(summaries: list[dict]) -> list[tuple[str, str, str | None, str]]:
+    """Multi-turn runs: TTFT p50 and prefix reuse of each turn any target has."""
+    turns = sorted({t for s in summaries for t in s.get("turns") or {}}, key=int)
+    return [
+        row
+        for t in turns
+        for row in (
+            (f"turn {t}: TTFT sent p50 (ms)", f"turns.{t}.ttft_ms", "p50", "{:.1f}"),
+            (f"turn {t}: prefix reuse", f"turns.{t}.prefix_reuse", None, "{:.1%}"),
+        )
+    ]
 
 
 def value(summary: dict, key: str, stat: str | None) -> float | None:
@@ -96,7 +110,7 @@ def table_rows(columns: list[tuple[str, dict]]) -> tuple[list[str], list[list[st
     names = [name for name, _ in columns]
     header = ["metric", *names, *(f"{n}/{names[0]}" for n in names[1:])]
     rows = []
-    for label, key, stat, fmt in ROWS:
+    for label, key, stat, fmt in (*ROWS, *turn_rows([summary for _, summary in columns])):
         numbers = [value(summary, key, stat) for _, summary in columns]
         if all(n is None for n in numbers):
             continue
