@@ -44,25 +44,27 @@ def test_sweep_refuses_bad_points(tmp_path, loopback, capsys):
 
 
 def test_search_finds_the_knee_of_a_server_that_slows_with_load(tmp_path, loopback, capsys):
-    """`serial10` serves one prefill at a time for 10 ms (capacity 100 req/s) after which
-    TTFT queues; with 30 constant-rate requests, 50 ms base TTFT and ttft<=150ms for 90%,
-    D/D/1 queueing puts the knee near 150 req/s."""
+    """`serial40` serves one prefill at a time for 40 ms (capacity 25 req/s) after which
+    TTFT queues; with 20 constant-rate requests, 50 ms base TTFT and ttft<=600ms for 90%,
+    D/D/1 queueing puts the knee near 85 req/s (the 18th request waits 18 x (40 ms - 1/rate)).
+    The service time is long against a loaded machine's scheduling jitter, so the knee holds."""
     argv = [
-        "search", "--target", f"knee={loopback.url('serial10')}", *COMMON,
-        "--num-requests", "30", "--load", "constant:1", "--slo", "ttft<=150ms",
-        "--attainment", "0.9", "--start-rate", "50", "--max-rate", "800", "-o", str(tmp_path),
+        "search", "--target", f"knee={loopback.url('serial40')}", *COMMON,
+        "--num-requests", "20", "--load", "constant:1", "--slo", "ttft<=600ms",
+        "--attainment", "0.9", "--start-rate", "20", "--max-rate", "800", "--tolerance", "0.2",
+        "-o", str(tmp_path),
     ]  # fmt: skip
     assert main(argv) == 0
     answer = json.loads((tmp_path / "search.json").read_text())["targets"]["knee"]
     print(
         answer["max_rate_rps"], [(p["x"], p["summary"]["slo_attainment"]) for p in answer["probes"]]
     )
-    assert 80 <= answer["max_rate_rps"] <= 250, answer["max_rate_rps"]
+    assert 50 <= answer["max_rate_rps"] <= 130, answer["max_rate_rps"]
     assert not answer["is_capped"] and answer["goodput_rps"] > 0
     rates = [p["x"] for p in answer["probes"]]
-    assert rates[:2] == [50.0, 100.0]
+    assert rates[:2] == [20.0, 40.0]
     failed = [p["x"] for p in answer["probes"] if p["summary"]["slo_attainment"] < 0.9]
-    assert failed and min(failed) <= answer["max_rate_rps"] * 1.05 + 1e-9
+    assert failed and min(failed) <= answer["max_rate_rps"] * 1.2 + 1e-9  # the tolerance
     assert "knee:" in capsys.readouterr().out
     assert_pngs(tmp_path, CURVE_PLOTS)
     (tmp_path / "attainment_vs_rate.png").unlink()
