@@ -7,6 +7,8 @@ same batch with its dense KV cache, to show what paging costs; and the decode
 step of the first engine (separate projections, per-slot K/V gather) against
 the fast path, at each of `--step-batches` and `--threads`, with the batch-1
 step against the time to read the weights once at the measured bandwidth.
+And (`--parts preemption`) what one preemption costs, recomputed or swapped to
+host memory, at each of `--contexts` (bench/preemption_cost.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 import torch
 
 from bench.decode_step import copy_bandwidth_gb_s, eager_vs_fast, time_variants, weight_nbytes
+from bench.preemption_cost import bench_preemption, print_preemption
 from bench.report import write_report
 from disagg.engine.llm_engine import EngineConfig, LLMEngine
 from disagg.engine.sampling_params import SamplingParams
@@ -40,8 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-steps", type=int, default=8, help="timed steps per decode run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--parts", default="end-to-end,step", help="comma-separated: end-to-end, step"
+        "--parts", default="end-to-end,step", help="comma-separated: end-to-end, step, preemption"
     )
+    parser.add_argument("--contexts", default="128,512,2048", help="preemption: context tokens")
+    parser.add_argument("--preemption-repeats", type=int, default=5, help="preemption: rounds")
+    parser.add_argument("--device", default="cpu", help="preemption: cpu, cuda or cuda:N")
     parser.add_argument("--step-batches", default="1,16,64", help="batches for eager vs fast")
     parser.add_argument("--threads", default="", help="comma-separated torch thread counts")
     parser.add_argument(
@@ -196,6 +202,16 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> dict:
     if "step" in parts:
         result["steps"] = bench_steps(args, loaded)
         print_steps(result["steps"], result["dtype"], args.prompt_len)
+    if "preemption" in parts:
+        if args.threads:  # NOTE: the first count; --parts step runs them all
+            torch.set_num_threads(int(args.threads.split(",")[0]))
+        device = resolve_device(args.device)
+        on_device = loaded if device.type == "cpu" else load_model(args.model, dtype, device)
+        contexts = [int(n) for n in args.contexts.split(",")]
+        result["preemption"] = bench_preemption(
+            on_device, contexts, args.preemption_repeats, args.device, args.seed
+        )
+        print_preemption(result["preemption"], result["dtype"])
     if "end-to-end" not in parts:
         return result
     prompts = make_prompts(loaded.tokenizer, args.num_requests, args.prompt_len, args.seed)

@@ -34,6 +34,9 @@ freed meanwhile (a Free, an expired lease, a timeout) keeps its blocks until the
 engine lets go of the sequence, or they could be handed to another request and
 overwritten under it (`begin_in_place_prefill` / `end_in_place_prefill`).
 
+Reservation: blocks on demand (the prompt and a lookahead, grown as it decodes),
+or `full`, the baseline on demand replaced: prompt + max_tokens from Allocate on.
+
 Three threads touch a table (gRPC handlers, the KV receiver, the engine loop),
 so every state change holds one lock; hooks run outside it.
 """
@@ -50,8 +53,9 @@ from enum import IntEnum
 
 import torch
 
+from disagg.config import KVReservation
 from disagg.engine.sequence import Sequence
-from disagg.kv.block_manager import BlockManager, initial_num_tokens
+from disagg.kv.block_manager import BlockManager, reserved_num_tokens
 from disagg.kv.cache import PagedKVCache
 from disagg.kv.prefix_cache import PrefixCache
 from disagg.kv.wire import DoneHeader, LayerHeader, combine, dtype_name
@@ -153,8 +157,10 @@ class HandleTable:
         hooks: list[HandleHooks] | None = None,
         prefix_cache: PrefixCache | None = None,
         worker_id: str = "",
+        reservation: KVReservation = "on-demand",
     ) -> None:
-        """`worker_id`: this incarnation's id, which every handle id it mints names."""
+        """`worker_id`: this incarnation's id, which every handle id it mints names;
+        `reservation`: blocks at Allocate (see the module's docstring)."""
         self.block_manager = block_manager
         self.prefix_cache = prefix_cache
         self.kv_cache = kv_cache
@@ -162,6 +168,7 @@ class HandleTable:
         self.claim_timeout_s = claim_timeout_s
         self.hooks = hooks or []
         self.worker_id = worker_id
+        self.reservation = reservation
         self.num_dropped_frames = 0
         self.num_stale_frames = 0
         """Frames for a handle of another incarnation of this worker (also in num_dropped)."""
@@ -203,15 +210,17 @@ class HandleTable:
         The rest of the sequence's blocks are taken one at a time as it decodes; when
         the pool runs out, the engine preempts the youngest sequence and recomputes its
         KV later. So a request is admitted only while the block manager's watermark
-        stays free for that growth.
+        stays free for that growth. A `full` reservation takes them all now instead.
         """
-        num_tokens = initial_num_tokens(len(prompt_token_ids), max_new_tokens)
+        num_tokens = reserved_num_tokens(len(prompt_token_ids), max_new_tokens, self.reservation)
+        keep_watermark = self.reservation != "full"  # NOTE: a full reservation never grows
         if self.prefix_cache is None:
             num_blocks = self.block_manager.blocks_for(num_tokens)
-            block_ids, num_cached = self.block_manager.allocate(num_blocks, keep_watermark=True), 0
+            block_ids = self.block_manager.allocate(num_blocks, keep_watermark=keep_watermark)
+            num_cached = 0
         else:
             block_ids, num_cached = self.prefix_cache.allocate(
-                prompt_token_ids, num_tokens, keep_watermark=True
+                prompt_token_ids, num_tokens, keep_watermark=keep_watermark
             )
         handle = KVHandle(
             handle_id=handle_id_for(self.worker_id),

@@ -76,6 +76,7 @@ async def run(
         hooks=hooks,
         prefix_cache=engine.scheduler.prefix_cache,
         worker_id=worker_id,
+        reservation=decode.kv_reservation,
     )
     receiver = None
     if not decode.colocated:

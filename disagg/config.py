@@ -22,6 +22,7 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Transport = Literal["tcp", "ipc"]
 Mode = Literal["disaggregated", "colocated"]
 DisaggPolicy = Literal["always", "never", "auto"]
+KVReservation = Literal["on-demand", "full"]
 
 
 class ConfigError(DisaggError, ValueError):
@@ -155,9 +156,13 @@ class DecodeWorkerConfig:
     """Seconds for a handle's KV to arrive before the handle is freed."""
     claim_timeout_s: float = 30.0
     """Seconds for a Decode to claim a READY handle before it is freed."""
+    # NOTE: `full` is the reservation blocks on demand replaced, kept as a measured baseline.
+    kv_reservation: KVReservation = "on-demand"
+    """KV at Allocate: the prompt + a lookahead, grown as it decodes; full: prompt + max_tokens."""
 
     def __post_init__(self) -> None:
         require(self.kv_transport in ("tcp", "ipc"), "kv_transport", "must be tcp or ipc")
+        require(self.kv_reservation in ("on-demand", "full"), "kv_reservation", "on-demand|full")
         require(self.ready_timeout_s > 0, "ready_timeout_s", "must be > 0")
         require(self.claim_timeout_s > 0, "claim_timeout_s", "must be > 0")
 

@@ -20,6 +20,7 @@ from disagg.engine.sampling_params import SamplingParams
 from disagg.errors import DisaggError
 from disagg.model.tokenizer import TextStream, apply_chat_template, encode_prompt
 from launcher.options import add_config_options, add_option, config_from_args
+from launcher.serve import SERVE_DECODE_FIELDS
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -102,6 +103,7 @@ def run_serve(args: argparse.Namespace) -> int:
         serve=config_from_args(ServeConfig, args),
         coordinator=config_from_args(CoordinatorConfig, args, model=engine.model),
         dispatch=config_from_args(DispatchConfig, args),
+        decode=config_from_args(DecodeWorkerConfig, args),  # NOTE: role, transport: serve's
     )
     return serve(plan)
 
@@ -125,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(serve, EngineConfig)
     add_coordinator_options(serve)
     add_config_options(serve, ServeConfig)
+    add_config_options(serve, DecodeWorkerConfig, exclude=SERVE_DECODE_FIELDS)
     serve.set_defaults(func=run_serve)
 
     coordinator = commands.add_parser("coordinator", help="the front door and scheduler")

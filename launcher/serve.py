@@ -22,7 +22,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from disagg.config import CoordinatorConfig, DispatchConfig, EngineConfig, ServeConfig
+from disagg.config import (
+    CoordinatorConfig,
+    DecodeWorkerConfig,
+    DispatchConfig,
+    EngineConfig,
+    ServeConfig,
+)
 from disagg.ports import check_free
 from launcher.options import config_to_args
 from launcher.supervisor import RestartPolicy, Supervisor
@@ -41,6 +47,8 @@ class ClusterPlan:
     serve: ServeConfig = field(default_factory=ServeConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    decode: DecodeWorkerConfig = field(default_factory=DecodeWorkerConfig)
+    """Settings of the decode (and colocated) workers; `serve` sets their role and transport."""
     total_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     @property
@@ -70,14 +78,18 @@ class ClusterPlan:
         ]  # fmt: skip
         commands = [("coordinator", coordinator)]
         serve = self.serve
+        decode_worker = [
+            *cli, "decode-worker", *worker,
+            *config_to_args(self.decode, exclude=SERVE_DECODE_FIELDS),
+        ]  # fmt: skip
         if serve.mode == "colocated":
             for i in range(serve.num_decode_workers):
-                commands.append((f"colocated-{i}", [*cli, "decode-worker", "--colocated", *worker]))
+                commands.append((f"colocated-{i}", [*decode_worker, "--colocated"]))
             return commands
         for i in range(serve.num_prefill_workers):
             commands.append((f"prefill-{i}", [*cli, "prefill-worker", *worker]))
         for i in range(serve.num_decode_workers):
-            decode = [*cli, "decode-worker", "--kv-transport", serve.kv_transport, *worker]
+            decode = [*decode_worker, "--kv-transport", serve.kv_transport]
             commands.append((f"decode-{i}", decode))
         return commands
 
@@ -169,6 +181,9 @@ class Cluster:
                 self.coordinator.kill()
                 self.coordinator.wait()
 
+
+SERVE_DECODE_FIELDS = ("colocated", "kv_transport")
+"""Decode-worker settings that `serve` derives from its own (--mode, its --kv-transport)."""
 
 SECRET_FIELDS = ("cluster_secret", "api_key", "metrics_key")
 """Passed to children in their environment, not on command lines that `ps` shows."""

@@ -117,9 +117,11 @@ class InProcessCluster:
         heartbeat_interval_s: float = 1.0,
         max_num_batched_tokens: int = 2048,
         dispatch: dict | None = None,
+        decode: dict | None = None,
         **coordinator_options: object,
     ) -> None:
-        """dispatch: DispatchConfig fields (placement policy, timeouts)."""
+        """dispatch: DispatchConfig fields (placement policy, timeouts); decode: the decode
+        worker's DecodeWorkerConfig fields."""
         self.model_dir = model_dir
         self.model = TINY_MODEL_NAME
         self.http_port, self.grpc_port, self.control_port = free_port(), free_port(), free_port()
@@ -146,6 +148,7 @@ class InProcessCluster:
             **coordinator_options,
         )
         self._dispatch = dispatch or {}
+        self._decode = {"kv_transport": "ipc"} | (decode or {})
         self._loop = _RecordingLoop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="cluster", daemon=True)
         self._roles: asyncio.Future | None = None
@@ -168,7 +171,7 @@ class InProcessCluster:
             ),
             prefill_main.run(engine, self.worker_config("prefill-0")),
             decode_main.run(
-                engine, self.worker_config("decode-0"), DecodeWorkerConfig(kv_transport="ipc")
+                engine, self.worker_config("decode-0"), DecodeWorkerConfig(**self._decode)
             ),
         ]
 

@@ -17,6 +17,7 @@ import grpc
 from decode_worker.colocated import ColocatedPrefillService
 from decode_worker.kv_handles import HandleTable
 from decode_worker.service import DecodeService, SettleWaiters
+from disagg.config import KVReservation
 from disagg.engine.llm_engine import EngineConfig, LLMEngine
 from disagg.engine.sampling_params import SamplingParams
 from disagg.engine.worker_loop import EngineLoop
@@ -115,6 +116,7 @@ async def decode_side(
     colocated: bool = False,
     prefix_caching: bool = True,
     worker_id: str = "decode-test",
+    reservation: KVReservation = "on-demand",
 ) -> AsyncIterator[DecodeSide]:
     engine = tiny_engine(num_kv_blocks, prefix_caching)
     waiters = SettleWaiters()
@@ -126,6 +128,7 @@ async def decode_side(
         hooks=[waiters],
         prefix_cache=engine.scheduler.prefix_cache,
         worker_id=worker_id,
+        reservation=reservation,
     )
     receiver = None if colocated else KVReceiver(f"ipc://{tmp_path}/kv.sock", table).start()
     loop = EngineLoop(engine, tick=table.expire, tick_s=0.05)

@@ -303,6 +303,14 @@ def print_result(result: TargetResult) -> None:
         f"{summary['duration_s']:.1f} s, client CPU {result.client_cpu_percent:.0f}%",
         file=sys.stderr,
     )
+    running = result.decode_running
+    if running is not None:
+        print(
+            f"[{result.target.name}] decode workers' running batch: mean {running['mean']:.1f}, "
+            f"median {running['median']:g}, max {running['max']} "
+            f"({running['num_samples']} samples)",
+            file=sys.stderr,
+        )
     for warning in result.warnings:
         print(f"[{result.target.name}] WARNING: {warning}", file=sys.stderr)
 

@@ -20,6 +20,7 @@ import httpx
 from bench.serving.client import APIS, RequestOptions, request_body, send
 from bench.serving.conversation import Conversation, turn_body, write_conversations
 from bench.serving.conversation_driver import drive_conversations
+from bench.serving.decode_batch_sampler import DecodeBatchSampler
 from bench.serving.environment import environment
 from bench.serving.metrics import summarize_run
 from bench.serving.progress import show_progress
@@ -91,6 +92,8 @@ class TargetResult:
     """The target's /metrics counters, after minus before; None without /metrics."""
     server_agreement: dict[str, dict] = field(default_factory=dict)
     """disagg's request and token counters beside the client's counts."""
+    decode_running: dict | None = None
+    """disagg's decode workers' running batch, sampled during the run (None: not disagg)."""
 
 
 def with_extra_bodies(targets: list[Target], specs: list[str]) -> list[Target]:
@@ -243,9 +246,10 @@ def run_target(plan: RunPlan, target: Target, is_progress_shown: bool = False) -
     before = scrape(target.url)
     records: list[RequestRecord] = []
     wall_start, cpu_start = time.perf_counter(), time.process_time()
-    for repeat in range(plan.repeats):
-        label = f"{target.name} {repeat + 1}/{plan.repeats}" if is_progress_shown else None
-        records += asyncio.run(drive(plan, target.url, bodies, label, repeat))
+    with DecodeBatchSampler(target.url) as sampler:
+        for repeat in range(plan.repeats):
+            label = f"{target.name} {repeat + 1}/{plan.repeats}" if is_progress_shown else None
+            records += asyncio.run(drive(plan, target.url, bodies, label, repeat))
     cpu_percent = 100 * (time.process_time() - cpu_start) / (time.perf_counter() - wall_start)
     after = scrape(target.url)
     deltas = diff(before, after) if before is not None and after is not None else None
@@ -257,7 +261,9 @@ def run_target(plan: RunPlan, target: Target, is_progress_shown: bool = False) -
             f"all {len(plan.workload)} requests went out within --duration {plan.duration_s:g} s:"
             " raise --num-requests (multi-turn: --num-conversations) to fill it"
         )
-    return TargetResult(target, records, summary, cpu_percent, warnings, deltas, counts)
+    return TargetResult(
+        target, records, summary, cpu_percent, warnings, deltas, counts, sampler.summary()
+    )
 
 
 def write_result(out_dir: Path, result: TargetResult, config: dict) -> Path:
@@ -274,6 +280,7 @@ def write_result(out_dir: Path, result: TargetResult, config: dict) -> Path:
         "warnings": result.warnings,
         "server_metrics_diff": result.server_metrics,
         "server_agreement": result.server_agreement,
+        "decode_running": result.decode_running,
     }
     (target_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     return target_dir

@@ -26,6 +26,7 @@ import math
 import threading
 from collections import Counter, OrderedDict
 
+from disagg.config import KVReservation
 from disagg.engine.sequence import Sequence
 from disagg.errors import OutOfBlocksError
 
@@ -40,6 +41,17 @@ WATERMARK_FRACTION = 0.01
 def initial_num_tokens(num_prompt_tokens: int, max_new_tokens: int) -> int:
     """Tokens a new decoding sequence holds blocks for at admission (prompt + lookahead)."""
     return num_prompt_tokens + min(max_new_tokens, LOOKAHEAD_TOKENS)
+
+
+def reserved_num_tokens(
+    num_prompt_tokens: int, max_new_tokens: int, reservation: KVReservation = "on-demand"
+) -> int:
+    """Tokens a decode worker reserves blocks for at Allocate: on demand, prompt + lookahead;
+    `full` (the reservation that blocks on demand replaced, kept as a measured baseline),
+    prompt + all of `max_new_tokens`, so the sequence never grows nor is preempted."""
+    if reservation == "full":
+        return num_prompt_tokens + max_new_tokens
+    return initial_num_tokens(num_prompt_tokens, max_new_tokens)
 
 
 class BlockManager:
