@@ -24,6 +24,7 @@ def passes_around(centres: list[float], n: int = 200, seed: int = 1) -> list[lis
     return [[request(float(t)) for t in rng.normal(c, 10, size=n)] for c in centres]
 
 
+@pytest.mark.slow  # several seconds: the full suite runs it
 def test_interval_covers_the_mean_and_narrows_with_agreeing_passes():
     slo = parse_slo("ttft<=1s")
     agree = confidence_intervals(passes_around([100, 100, 100]), [10, 10, 10], slo)

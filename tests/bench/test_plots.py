@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench.cli import main
 from bench.serving.plots import itl_by_position
 from bench.serving.record import RequestRecord
@@ -24,6 +26,7 @@ def test_multi_token_chunks_spread_over_positions():
     assert dict(itl_by_position([record])) == {1: [2.0], 2: [2.0], 3: [2.0], 4: [2.0]}
 
 
+@pytest.mark.slow  # several seconds: the full suite runs it
 def test_run_writes_plots_and_report_rerenders_them(tmp_path, loopback):
     argv = ["run", "--target", f"a={loopback.url('chunk2')}", "--target", f"b={loopback.url('ok')}"]
     argv += ["--input-len", "fixed:12", "--output-len", "fixed:6", "--num-requests", "8"]
@@ -38,6 +41,7 @@ def test_run_writes_plots_and_report_rerenders_them(tmp_path, loopback):
     assert_pngs(tmp_path, RUN_PLOTS)
 
 
+@pytest.mark.slow  # several seconds: the full suite runs it
 def test_sweep_writes_curve_plots_and_report_rerenders_them(tmp_path, loopback, capsys):
     argv = ["sweep", "--target", f"a={loopback.url('ok')}", "--input-len", "fixed:8"]
     argv += ["--output-len", "fixed:3", "--num-requests", "6", "--rates", "30,60"]

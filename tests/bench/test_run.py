@@ -156,6 +156,7 @@ def test_progress_line_during_a_run(tmp_path, loopback, capsys):
     assert "sent 26/26" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # several seconds: the full suite runs it
 def test_repeats_pool_passes_and_print_intervals(tmp_path, loopback, capsys):
     assert run(tmp_path, loopback, "constant:40", "--repeats", "2") == 0
     records = read_records(tmp_path / "plain" / "requests.jsonl")
@@ -187,6 +188,7 @@ def test_duration_cuts_an_open_loop_schedule(tmp_path, loopback):
     assert not any("raise --num-requests" in w for w in warnings)  # NOTE: load may warn of lag
 
 
+@pytest.mark.slow  # several seconds: the full suite runs it
 def test_duration_stops_a_closed_loop_and_warns_when_the_cap_runs_out(tmp_path, loopback):
     assert run_for(tmp_path / "stopped", loopback, "closed:2", "0.5", "1000") == 0
     records = read_records(tmp_path / "stopped" / "plain" / "requests.jsonl")

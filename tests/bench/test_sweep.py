@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench.cli import main
 from bench.serving.record import read_records
 from tests.bench.test_plots import CURVE_PLOTS, assert_pngs
@@ -11,6 +13,7 @@ from tests.bench.test_plots import CURVE_PLOTS, assert_pngs
 COMMON = ["--input-len", "fixed:16", "--output-len", "fixed:4", "--seed", "3"]
 
 
+@pytest.mark.slow  # several seconds: the full suite runs it
 def test_sweep_over_rates_runs_every_point_on_one_workload(tmp_path, loopback, capsys):
     targets = ["--target", f"a={loopback.url('ok')}", "--target", f"b={loopback.url('chunk2')}"]
     argv = ["sweep", *targets, *COMMON, "--num-requests", "10", "--rates", "20,40"]
@@ -43,6 +46,7 @@ def test_sweep_refuses_bad_points(tmp_path, loopback, capsys):
     assert "positive" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # several seconds: the full suite runs it
 def test_search_finds_the_knee_of_a_server_that_slows_with_load(tmp_path, loopback, capsys):
     """`serial40` serves one prefill at a time for 40 ms (capacity 25 req/s) after which
     TTFT queues; with 20 constant-rate requests, 50 ms base TTFT and ttft<=600ms for 90%,

@@ -18,6 +18,7 @@ def test_bad_requests_get_openai_errors_and_leak_nothing(cluster, body, param):
     real.test_bad_requests_get_openai_errors_and_leak_nothing(cluster, body, param)
 
 
+@pytest.mark.slow  # several seconds: the full suite runs it
 def test_a_hundred_requests_with_random_cancellations_leak_nothing(cluster):
     real.test_a_hundred_requests_with_random_cancellations_leak_nothing(cluster)
 

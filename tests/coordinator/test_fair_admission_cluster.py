@@ -11,6 +11,8 @@ import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from tests.cluster_harness import wait_until
 from tests.coordinator.front_door import post
 from tests.inprocess_cluster import InProcessCluster
@@ -29,6 +31,7 @@ def num_waiting(cluster: InProcessCluster) -> int:
     return int(float(line.rsplit(" ", 1)[1]))
 
 
+@pytest.mark.slow  # several seconds: the full suite runs it
 def test_a_flooding_tenant_gets_429_while_another_is_served_first(tiny_model_dir):
     rng = random.Random(0)
     vocab = range(1000, 30000)  # distinct prompts: no prefix shared between requests

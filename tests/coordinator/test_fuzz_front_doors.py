@@ -110,6 +110,7 @@ def test_openapi_document_is_served(serve):
     assert get(f"{serve.url}/openapi.json") == 200
 
 
+@pytest.mark.slow  # several seconds: the full suite runs it
 @pytest.mark.parametrize("endpoint", sorted(ENDPOINTS))
 def test_http_fuzz_no_5xx_errors_in_shape_blocks_free(serve, endpoint):
     path, schema_name, budget_field = ENDPOINTS[endpoint]

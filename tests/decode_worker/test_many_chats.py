@@ -47,6 +47,7 @@ def decode_worker(cluster: InProcessCluster) -> dict:
     return worker
 
 
+@pytest.mark.slow  # several seconds: the full suite runs it
 def test_64_chats_without_max_tokens_decode_at_once(default_ratio_pool):
     # reserving prompt + max_tokens, at most two would fit at once
     num_preemptions = lambda: decode_worker(default_ratio_pool)["num_preemptions"]  # noqa: E731

@@ -10,6 +10,7 @@ import sys
 import time
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.local_cluster import free_port, get_json
@@ -134,6 +135,7 @@ async def coordinator_scenario(grpc_port: int, control_port: int, model: str) ->
         await eventually(health, NOT_SERVING)
 
 
+@pytest.mark.slow  # several seconds: the full suite runs it
 def test_coordinator_health_is_ready_only_with_a_worker_for_each_phase():
     http_port, grpc_port, control_port = free_port(), free_port(), free_port()
     command = [

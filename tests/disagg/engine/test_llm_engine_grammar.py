@@ -45,6 +45,7 @@ def _text(engine: LLMEngine, seq: Sequence) -> str:
     return engine.tokenizer.decode(ids)
 
 
+@pytest.mark.slow  # several seconds: the full suite runs it
 def test_mixed_batch_constrained_rows_validate_and_free_rows_are_unchanged(engine):
     prompts = [[1, 2, 3, 4 + i] for i in range(6)]
     alone = engine.generate(prompts, _params(None))

@@ -24,6 +24,7 @@ def assert_all_blocks_free(engine: LLMEngine) -> None:
     assert not engine.has_unfinished
 
 
+@pytest.mark.slow  # several seconds: the full suite runs it
 @pytest.mark.parametrize("kind", ["llama", "llama3", "mistral", "qwen2"])
 def test_batched_greedy_equals_transformers(kind):
     engine = make_engine(kind)
@@ -34,6 +35,7 @@ def test_batched_greedy_equals_transformers(kind):
     assert_all_blocks_free(engine)
 
 
+@pytest.mark.slow  # several seconds: the full suite runs it
 def test_chunked_prefill_and_staggered_arrivals_equal_transformers():
     engine = make_engine(max_num_batched_tokens=16)  # every prompt here needs chunks
     prompts = random_prompts(5, [37, 5, 90, 23, 61], seed=2)
@@ -140,6 +142,7 @@ def test_prefill_logits_match_transformers():
     assert torch.allclose(torch.tensor([lp for _, lp in top]), expected.topk(5).values, atol=1e-5)
 
 
+@pytest.mark.slow  # several seconds: the full suite runs it
 def test_engine_serves_the_fast_path_and_it_matches_the_first_engine():
     from disagg.model.llama import LlamaModel
 
