@@ -183,7 +183,7 @@ class DispatchConfig:
     """Times one request may move to another worker after a fault before it fails."""
     keepalive_s: float = 5.0
     """gRPC keepalive ping interval on the channels to workers, in seconds."""
-    disagg_policy: DisaggPolicy = "always"
+    disagg_policy: DisaggPolicy = "auto"
     """Prefill on a prefill worker always, never (on the decode worker), or auto (by cost)."""
     max_local_prefill_tokens: int = 32
     """auto, until a prefill rate is measured: in place when at most this many are uncached."""

@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from disagg.model.loader import LoadedModel, load_model
+
+# NOTE: clusters that tests start as processes (`disagg serve`, `disagg coordinator`)
+# read their flags' defaults from DISAGG_* variables. Tests of the disaggregated path
+# want every prompt on a prefill worker; the ones about placement pass the flag.
+os.environ.setdefault("DISAGG_DISAGG_POLICY", "always")
 
 
 @pytest.hookimpl(tryfirst=True)  # NOTE: before `-m` deselects by marker

@@ -147,7 +147,9 @@ class InProcessCluster:
             queue_timeout_s=queue_timeout_s,
             **coordinator_options,
         )
-        self._dispatch = dispatch or {}
+        # NOTE: tests of the disaggregated path want every prompt on a prefill worker;
+        # the ones about placement ask for auto.
+        self._dispatch = {"disagg_policy": "always", **(dispatch or {})}
         self._decode = {"kv_transport": "ipc"} | (decode or {})
         self._loop = _RecordingLoop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="cluster", daemon=True)

@@ -145,4 +145,5 @@ def fake_cluster(
             registry.register(info)
             record = registry.get(worker.worker_id)
             record.decode = record.prefill = worker
-    return ClusterScheduler(registry, Admission(queue_timeout_s=2.0), DispatchConfig(**dispatch))
+    config = DispatchConfig(**{"disagg_policy": "always", **dispatch})
+    return ClusterScheduler(registry, Admission(queue_timeout_s=2.0), config)

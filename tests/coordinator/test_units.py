@@ -235,7 +235,7 @@ def test_a_handle_allocated_for_a_request_that_left_is_freed():
         )
         worker = SlowDecodeWorker()
         registry.get("d").decode = worker
-        scheduler = ClusterScheduler(registry, Admission(), DispatchConfig())
+        scheduler = ClusterScheduler(registry, Admission(), DispatchConfig(disagg_policy="always"))
         request = asyncio.create_task(
             scheduler._allocate("r", [1, 2, 3], SamplingParams(max_tokens=4))
         )
@@ -285,7 +285,9 @@ def test_a_failed_prefill_frees_its_handle_once_and_counts_its_blocks_back_once(
         decode = DecodeWorker()
         registry.get("d").decode = decode
         registry.get("p").prefill = FailingPrefillWorker()
-        scheduler = ClusterScheduler(registry, Admission(), DispatchConfig(max_migrations=0))
+        scheduler = ClusterScheduler(
+            registry, Admission(), DispatchConfig(disagg_policy="always", max_migrations=0)
+        )
         tokens = scheduler.generate([1, 2, 3], SamplingParams(max_tokens=4), RequestTrace("r"))
         with pytest.raises(WorkerError, match="gone"):
             await anext(tokens)

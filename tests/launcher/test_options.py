@@ -52,9 +52,11 @@ def test_defaults_and_help_come_from_the_dataclass():
 
 def test_dispatch_timeouts_are_settable_from_the_cli_and_the_environment():
     with mock.patch.dict(os.environ, {"DISAGG_FREE_TIMEOUT": "2.5"}):
+        os.environ.pop("DISAGG_DISAGG_POLICY", None)  # the test session pins it
         args = build_parser().parse_args(["coordinator", "--prefill-timeout", "12"])
     dispatch = config_from_args(DispatchConfig, args)
     assert dispatch == DispatchConfig(prefill_timeout_s=12.0, free_timeout_s=2.5)
+    assert dispatch.disagg_policy == "auto", "prefill placement is decided by cost by default"
 
 
 def test_an_environment_switch_reads_false_as_false():
