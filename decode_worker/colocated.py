@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import grpc
 
-from decode_worker.kv_handles import FreeReason, HandleState, HandleTable, KVHandle
+from decode_worker.kv_handle import FreeReason, HandleState, KVHandle
+from decode_worker.kv_handles import HandleTable
 from decode_worker.service import refuse_stale
 from disagg.engine.sequence import Sequence
 from disagg.engine.worker_loop import EngineLoop

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from decode_worker.kv_handles import HandleHooks, KVHandle
+from decode_worker.kv_handle import HandleHooks, KVHandle
 from disagg import tracing
 
 

@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 
 from decode_worker.colocated import ColocatedPrefillService
-from decode_worker.kv_handles import FreeReason, HandleHooks, HandleTable, KVHandle
+from decode_worker.kv_handle import FreeReason, HandleHooks, KVHandle
+from decode_worker.kv_handles import HandleTable
 from decode_worker.kv_receive_spans import KVReceiveSpans
 from decode_worker.kv_socket_dir import make_socket_dir, remove_stale_socket_dirs
 from decode_worker.service import DecodeService, SettleWaiters

@@ -15,7 +15,8 @@ from typing import Any
 
 import grpc
 
-from decode_worker.kv_handles import FreeReason, HandleHooks, HandleTable, KVHandle
+from decode_worker.kv_handle import FreeReason, HandleHooks, KVHandle
+from decode_worker.kv_handles import HandleTable
 from disagg import tracing
 from disagg.engine.llm_engine import LLMEngine
 from disagg.engine.sequence import Sequence, SequenceStatus

@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decode_worker.kv_handles import (
-    FreeReason,
-    HandleHooks,
-    HandleState,
-    HandleTable,
-    owner_of,
-)
+from decode_worker.kv_handle import FreeReason, HandleHooks, HandleState, owner_of
+from decode_worker.kv_handles import HandleTable
 from disagg.errors import OutOfBlocksError
 from disagg.kv.block_manager import BlockManager
 from disagg.kv.cache import KVLayout, PagedKVCache

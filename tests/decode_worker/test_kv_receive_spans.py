@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decode_worker.kv_handles import FreeReason, HandleTable
+from decode_worker.kv_handle import FreeReason
+from decode_worker.kv_handles import HandleTable
 from decode_worker.kv_receive_spans import KVReceiveSpans
 from disagg import tracing
 from disagg.kv.block_manager import BlockManager

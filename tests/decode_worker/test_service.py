@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from decode_worker.kv_handles import HandleState
+from decode_worker.kv_handle import HandleState
 from disagg.engine.sampling_params import SamplingParams
 from disagg.engine.sequence import SequenceStatus
 from disagg.rpc import control_pb2 as pb
