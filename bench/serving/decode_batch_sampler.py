@@ -11,17 +11,19 @@ from __future__ import annotations
 import statistics
 import threading
 
-import httpx
+from bench.serving.cluster_view import read_cluster
 
 SAMPLE_INTERVAL_S = 0.5
 
 
-def decode_running(url: str, timeout_s: float = 2.0) -> int | None:
+def decode_running(url: str) -> int | None:
     """Sequences running on all the target's decode (and colocated) workers now, or None."""
+    workers = read_cluster(url)
+    if workers is None:
+        return None
     try:
-        workers = httpx.get(f"{url}/cluster", timeout=timeout_s).json()["workers"]
         return sum(w["num_running_sequences"] for w in workers if w["role"] != "prefill")
-    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return None
 
 

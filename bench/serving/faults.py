@@ -24,10 +24,10 @@ import re
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from bench.serving.cluster_view import read_cluster
 
 ACTIONS = {"kill": signal.SIGKILL, "term": signal.SIGTERM}
 ROLES = ("prefill", "decode", "colocated")
@@ -93,15 +93,6 @@ class FaultEvent:
     """Why nothing was signalled (no live worker of the role, a pid that is not ours)."""
     recovered_after_s: float | None = None
     """Until a worker of the role registered under a new id; None if not within the run."""
-
-
-def read_cluster(url: str) -> list[dict]:
-    """The target's workers from /cluster; none when it cannot be read."""
-    try:
-        with urllib.request.urlopen(f"{url}/cluster", timeout=2) as response:
-            return json.load(response)["workers"]
-    except (urllib.error.URLError, OSError, ValueError, KeyError):
-        return []
 
 
 def pick_victim(workers: list[dict], role: str) -> dict | None:
@@ -180,7 +171,7 @@ class FaultInjector:
     def _fire(self, spec: FaultSpec) -> tuple[FaultEvent, set[str]]:
         """Signal the victim; also returns the role's worker ids at that moment."""
         event = FaultEvent(format_spec(spec), spec.role, time.monotonic() - self._start_s)
-        workers = read_cluster(self.url)
+        workers = read_cluster(self.url) or []
         before = {w["worker_id"] for w in workers if w["role"] == spec.role}
         victim = pick_victim(workers, spec.role)
         if victim is None:
@@ -194,7 +185,7 @@ class FaultInjector:
 
     def _has_recovered(self, event: FaultEvent, before: set[str]) -> bool:
         """A worker of the victim's role registered under an id not seen at the fault."""
-        workers = [w for w in read_cluster(self.url) if w["role"] == event.role]
+        workers = [w for w in read_cluster(self.url) or [] if w["role"] == event.role]
         if not any(w["worker_id"] not in before for w in workers):
             return False
         event.recovered_after_s = time.monotonic() - self._start_s - event.at_s
