@@ -45,7 +45,9 @@ class FakeContext:
 
 
 def tiny_engine(
-    num_kv_blocks: int = 256, prefix_caching: bool = True, max_num_batched_tokens: int = 256
+    num_kv_blocks: int = 256,
+    prefix_caching: bool = True,
+    max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens,
 ) -> LLMEngine:
     config = EngineConfig(
         block_size=BLOCK_SIZE,
@@ -149,7 +151,9 @@ def colocated_prefill(side: DecodeSide) -> ColocatedPrefillService:
 
 @contextlib.asynccontextmanager
 async def prefill_side(
-    send_timeout_s: float = 30.0, prefix_caching: bool = True, max_num_batched_tokens: int = 256
+    send_timeout_s: float = 30.0,
+    prefix_caching: bool = True,
+    max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens,
 ) -> AsyncIterator[PrefillSide]:
     engine = tiny_engine(
         prefix_caching=prefix_caching, max_num_batched_tokens=max_num_batched_tokens
