@@ -9,7 +9,11 @@ linear enters the graph as the opaque `disagg::packed_linear` op).
 Shapes: the batch and context dimensions are dynamic, so one graph serves
 every batch size and context length, except that a batch of at most
 `GEMV_MAX_ROWS` rows takes another matmul kernel: two graphs in all, both
-compiled at start-up (`warm_up`), before the worker registers.
+compiled at start-up (`warm_up`), before the worker registers. Dynamo
+specializes sizes 0 and 1, and an input that is None, so the runner keeps
+every dynamic size at MIN_DYNAMIC_SIZE or more and always passes the key bias;
+otherwise a lone stream, a short context or a context at a block boundary
+would each compile a graph of its own, mid-request.
 
 Caches: inductor's FX-graph and code caches live under `<cache root>/inductor`
 (`DISAGG_CACHE_DIR`, default `~/.cache/disagg`), so a restart loads the graphs
@@ -28,11 +32,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.fx.experimental._config as fx_config
 
 from disagg.model.llama import LlamaModel
 from disagg.model.loader import cache_root
 
 log = logging.getLogger(__name__)
+
+MIN_DYNAMIC_SIZE = 2
+"""Smallest batch and block-table width a compiled step is given (sizes 0 and 1 are
+specialized by dynamo)."""
 
 
 def inductor_cache_dir() -> Path:
@@ -53,4 +62,7 @@ def compile_decode(model: LlamaModel) -> Callable[..., torch.Tensor] | None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     # NOTE: inductor reads its cache directory from the environment only.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+    # NOTE: without this, a batch as wide as its block tables (2 and 2) compiles a graph
+    # in which the two sizes are one symbol, and the next step recompiles.
+    fx_config.use_duck_shape = False
     return torch.compile(model.forward_step, dynamic=True)

@@ -35,10 +35,17 @@ class DecodeKeys:
     added to the scores; None if every slot is real."""
 
     @classmethod
-    def build(cls, block_tables: torch.Tensor, context_lens: list[int], block_size: int):
-        """context_lens: keys per sequence (cache plus the new token)."""
+    def build(
+        cls,
+        block_tables: torch.Tensor,
+        context_lens: list[int],
+        block_size: int,
+        always_bias: bool = False,
+    ):
+        """context_lens: keys per sequence (cache plus the new token). always_bias: build
+        the bias even when it is all zeros (a compiled step keeps one input signature)."""
         num_keys = block_tables.shape[1] * block_size
-        if all(length == num_keys for length in context_lens):
+        if not always_bias and all(length == num_keys for length in context_lens):
             return cls(block_tables, None)
         device = block_tables.device
         lens = torch.tensor(context_lens, device=device)

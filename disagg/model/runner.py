@@ -14,6 +14,7 @@ from disagg.engine.sampler import SamplerOutput, sample
 from disagg.engine.scheduler import ScheduledChunk
 from disagg.engine.sequence import Sequence
 from disagg.kv.cache import PagedKVCache
+from disagg.model.compiled_decode import MIN_DYNAMIC_SIZE
 from disagg.model.llama import AttentionMetadata, LlamaModel
 from disagg.model.paged_attention import DecodeKeys
 
@@ -69,25 +70,36 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> SamplerOutput:
-        """One token for each sequence; each feeds its last token, whose K/V is not cached yet."""
+        """One token for each sequence; each feeds its last token, whose K/V is not cached yet.
+
+        Compiled, the step's shapes are kept off the sizes the compiler specializes
+        (STATIC_SIZES): a lone sequence runs as two copies of itself (the copy
+        writes the very same K/V into the very same slot), its block table is at
+        least two blocks long, and the key bias is always there, so that the graphs
+        compiled at start-up serve every batch and no request waits on a compile.
+        """
+        compiled = self.compiled_decode is not None
+        rows = seqs + seqs[:1] * (MIN_DYNAMIC_SIZE - len(seqs)) if compiled else seqs
         block_size = self.kv_cache.layout.block_size
-        context_lens = [seq.num_tokens for seq in seqs]
+        context_lens = [seq.num_tokens for seq in rows]
         num_blocks = -(-max(context_lens) // block_size)
+        if compiled:
+            num_blocks = max(num_blocks, MIN_DYNAMIC_SIZE)
         # NOTE: padding entries point at block 0; the key mask hides whatever is there.
-        tables = self._tensor([_padded(seq.block_table[:num_blocks], num_blocks) for seq in seqs])
+        tables = self._tensor([_padded(seq.block_table[:num_blocks], num_blocks) for seq in rows])
         positions = self._tensor(context_lens) - 1  # [B]
         last_blocks = tables.gather(1, (positions // block_size).unsqueeze(1)).squeeze(1)
         meta = AttentionMetadata(
             slot_mapping=last_blocks * block_size + positions % block_size,
-            query_lens=[1] * len(seqs),
+            query_lens=[1] * len(rows),
             context_blocks=[],
             context_lens=[],
-            decode_keys=DecodeKeys.build(tables, context_lens, block_size),
+            decode_keys=DecodeKeys.build(tables, context_lens, block_size, always_bias=compiled),
         )
-        input_ids = self._tensor([seq.last_token_id for seq in seqs])
+        input_ids = self._tensor([seq.last_token_id for seq in rows])
         forward = self.compiled_decode or self.model.forward
         logits = forward(input_ids, positions, meta, self.kv_cache, None)
-        return self._sample(logits, seqs)
+        return self._sample(logits[: len(seqs)], seqs)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """logits: [B, V]. Stop tokens are masked for sequences still short of min_tokens."""
