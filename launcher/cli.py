@@ -18,6 +18,7 @@ from disagg.config import (
 from disagg.engine.llm_engine import LLMEngine
 from disagg.engine.sampling_params import SamplingParams
 from disagg.errors import DisaggError
+from disagg.logs import PROGRESS_LOGGER
 from disagg.model.tokenizer import TextStream, apply_chat_template, encode_prompt
 from launcher.options import add_config_options, add_option, config_from_args
 from launcher.serve import SERVE_DECODE_FIELDS
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger(PROGRESS_LOGGER).setLevel(logging.INFO)
     try:
         return args.func(args)
     except (DisaggError, ValueError) as exc:

@@ -25,6 +25,7 @@ from disagg.errors import InvalidRequestError, NeverFitsError
 from disagg.kv.block_manager import BlockManager
 from disagg.kv.cache import PagedKVCache
 from disagg.kv.prefix_cache import PrefixCache
+from disagg.logs import PROGRESS_LOGGER
 from disagg.model.compiled_decode import compile_decode
 from disagg.model.device import resolve_device, resolve_dtype
 from disagg.model.llama import LlamaModel
@@ -33,6 +34,7 @@ from disagg.model.projection import GEMV_MAX_ROWS
 from disagg.model.runner import ModelRunner
 
 log = logging.getLogger(__name__)
+progress = logging.getLogger(PROGRESS_LOGGER)
 
 LayerCallback = Callable[[int, list[ScheduledChunk]], None]
 """on_layer(layer, chunks): that layer's K/V of every chunk is in the cache."""
@@ -89,9 +91,14 @@ class LLMEngine:
         params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
         for batch in (1, GEMV_MAX_ROWS + 1):
             start = time.perf_counter()
-            log.info("compiling the decode step for batches of %s rows ...", batch)
+            progress.info(
+                "compiling the decode step for batches of %s rows (from the cache in seconds, "
+                "else minutes on a small CPU) ...",
+                batch,
+            )
             self.generate([[0] * self.config.block_size] * batch, params)
-            log.info("decode step for %s rows ready in %.1f s", batch, time.perf_counter() - start)
+            elapsed_s = time.perf_counter() - start
+            progress.info("decode step for batches of %s rows ready in %.1f s", batch, elapsed_s)
 
     # -- requests --------------------------------------------------------
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from torch._dynamo.utils import counters
 
 from disagg.engine.llm_engine import EngineConfig, LLMEngine
 from disagg.engine.sampling_params import SamplingParams
+from disagg.logs import PROGRESS_LOGGER
 from disagg.model.compiled_decode import compile_decode, has_cxx_compiler, inductor_cache_dir
 from disagg.model.tokenizer import apply_chat_template
 from tests.helpers import random_prompts, reference_tokens, tiny_loaded
@@ -26,13 +29,16 @@ def compiled_graphs() -> int:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not has_cxx_compiler(), reason="inductor needs a C++ compiler")
-def test_compiled_decode_equals_transformers_alone_and_batched(isolated_cache):
+def test_compiled_decode_equals_transformers_alone_and_batched(isolated_cache, caplog):
+    caplog.set_level(logging.INFO, logger=PROGRESS_LOGGER)
     config = EngineConfig(block_size=4, num_kv_blocks=512, max_num_batched_tokens=256, compile=True)
     engine = LLMEngine(config, loaded=tiny_loaded("llama"))
     assert engine.runner.compiled_decode is not None
     cache_dir = isolated_cache / "inductor"
     assert inductor_cache_dir() == cache_dir
     assert any(cache_dir.iterdir()), "start-up compiled into the project's cache"
+    progress = [r.getMessage() for r in caplog.records if r.name == PROGRESS_LOGGER]
+    assert len(progress) == 4 and all("ready in" in line for line in progress[1::2])
     graphs_at_start = compiled_graphs()
     params = SamplingParams(temperature=0, max_tokens=16)
     # one to five rows, contexts from 4 to 82 tokens: across every block boundary
