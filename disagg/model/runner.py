@@ -73,7 +73,7 @@ class ModelRunner:
         """One token for each sequence; each feeds its last token, whose K/V is not cached yet.
 
         Compiled, the step's shapes are kept off the sizes the compiler specializes
-        (STATIC_SIZES): a lone sequence runs as two copies of itself (the copy
+        (MIN_DYNAMIC_SIZE): a lone sequence runs as two copies of itself (the copy
         writes the very same K/V into the very same slot), its block table is at
         least two blocks long, and the key bias is always there, so that the graphs
         compiled at start-up serve every batch and no request waits on a compile.
