@@ -32,7 +32,7 @@ class DecodeKeys:
     """[B, NB] block ids of each sequence's keys, padded with block 0."""
     key_bias: torch.Tensor | None
     """[B, 1, 1, NB * block_size] float32, 0 where a key is real and -inf on padding,
-    added to the scores; None if every slot is real."""
+    added to the scores; None if every slot is real, unless built with always_bias."""
 
     @classmethod
     def build(
