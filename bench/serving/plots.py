@@ -8,28 +8,38 @@
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bench.serving.curve import CurvePoint  # noqa: E402
-from bench.serving.metrics import measured, request_metrics  # noqa: E402
-from bench.serving.record import RequestRecord  # noqa: E402
-from bench.serving.slo import SLO  # noqa: E402
-from bench.serving.table import value  # noqa: E402
+from bench.serving.curve import CurvePoint
+from bench.serving.metrics import measured, request_metrics
+from bench.serving.record import RequestRecord
+from bench.serving.slo import SLO
+from bench.serving.table import value
 
 Runs = list[tuple[str, list[RequestRecord]]]
+
+
+@functools.cache
+def _pyplot() -> Any:
+    """matplotlib on its Agg backend, imported on the first plot: it costs ~1 s, and every
+    `disagg-bench` command imports this module whether or not it plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _save(figure, path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _pyplot().close(figure)
     return path
 
 
@@ -50,8 +60,8 @@ def _cdf(axes, values: list[float], weights: list[float] | None, label: str) -> 
 
 def plot_cdfs(out_dir: Path, runs: Runs, slo: SLO) -> list[Path]:
     """TTFT (from the scheduled send) and per-token ITL CDFs, one line per target."""
-    ttft_fig, ttft_axes = plt.subplots(figsize=(6, 4))
-    itl_fig, itl_axes = plt.subplots(figsize=(6, 4))
+    ttft_fig, ttft_axes = _pyplot().subplots(figsize=(6, 4))
+    itl_fig, itl_axes = _pyplot().subplots(figsize=(6, 4))
     for name, records in runs:
         ok = [m for m in map(request_metrics, measured(records)) if m.is_ok]
         _cdf(ttft_axes, [m.ttft_sched_ms for m in ok if m.ttft_sched_ms is not None], None, name)
@@ -80,7 +90,7 @@ def itl_by_position(records: list[RequestRecord]) -> dict[int, list[float]]:
 
 
 def plot_itl_by_position(out_dir: Path, runs: Runs) -> Path:
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure, axes = _pyplot().subplots(figsize=(6, 4))
     for name, records in runs:
         by_position = itl_by_position(records)
         positions = sorted(by_position)
@@ -105,8 +115,8 @@ def _series(curve: list[CurvePoint], key: str, stat: str | None = None) -> list[
 
 def plot_curves(out_dir: Path, points: list[CurvePoint], x_label: str) -> list[Path]:
     """Throughput and latency against the swept rate or concurrency."""
-    figure, (requests_axes, tokens_axes) = plt.subplots(1, 2, figsize=(10, 4))
-    latency_figure, (ttft_axes, tpot_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    figure, (requests_axes, tokens_axes) = _pyplot().subplots(1, 2, figsize=(10, 4))
+    latency_figure, (ttft_axes, tpot_axes) = _pyplot().subplots(1, 2, figsize=(10, 4))
     for name, curve in _by_target(points).items():
         xs = [p.x for p in curve]
         requests_axes.plot(xs, _series(curve, "request_throughput_rps"), "o-", label=name)
@@ -131,7 +141,7 @@ def plot_attainment(
     out_dir: Path, points: list[CurvePoint], attainment: float, max_rates: dict[str, float | None]
 ) -> Path:
     """Attainment per target against rate; the target fraction and each max rate marked."""
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure, axes = _pyplot().subplots(figsize=(6, 4))
     for name, curve in _by_target(points).items():
         xs = [p.x for p in curve]
         (line,) = axes.plot(xs, _series(curve, "slo_attainment"), "o-", label=name)
